@@ -1,0 +1,16 @@
+"""kalm-mlx: text embeddings on Apple Silicon with MLX, KaLM-Embedding-V2 first."""
+
+from . import _backend  # noqa: F401  (must run before mlx.core is imported)
+from .embedder import EmptyTextWarning, Embedder, TruncationWarning
+from .loading import load
+from .registry import ModelEntry, list_models
+
+__all__ = [
+    "Embedder",
+    "EmptyTextWarning",
+    "ModelEntry",
+    "TruncationWarning",
+    "list_models",
+    "load",
+]
+__version__ = "0.1.0"

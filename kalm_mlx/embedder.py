@@ -1,0 +1,300 @@
+"""Embedder: texts -> token ids -> batches -> encoder -> pooled, normalised vectors."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from tokenizers import Tokenizer
+
+from .pooling import normalize as l2_normalize
+from .pooling import pool, truncate
+
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
+
+class TruncationWarning(UserWarning):
+    """Some texts were longer than the model's token limit and were cut on the right."""
+
+
+class EmptyTextWarning(UserWarning):
+    """Some texts had no tokens at all; their vectors are all zeros."""
+
+
+def load_tokenizer(path: Path, max_tokens: int) -> Tokenizer:
+    """Load ``tokenizer.json`` with kalm-mlx's settings: right truncation at ``max_tokens``, no padding."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: tokenizer.json not found (kalm-mlx needs the fast tokenizer file)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read tokenizer: {err}") from None
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_tokens, strategy="longest_first", direction="right")
+    return tokenizer
+
+
+def _as_text_list(texts: str | Sequence[str]) -> tuple[list[str], bool]:
+    if isinstance(texts, str):
+        return [texts], True
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (Sequence, np.ndarray)):
+        raise TypeError(f"texts must be a string or a sequence of strings, not {type(texts).__name__}")
+    out = list(texts)
+    for i, text in enumerate(out):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+    return out, False
+
+
+def _replace_lone_surrogates(texts: list[str]) -> list[str]:
+    """Replace lone UTF-16 surrogates (which tokenizers rejects) with U+FFFD, with a warning."""
+    fixed = 0
+    out = []
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A valid surrogate pair becomes its character; a lone one becomes U+FFFD.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            fixed += 1
+        out.append(text)
+    if fixed:
+        warnings.warn(
+            f"{fixed} text(s) held lone surrogate code points; replaced them with U+FFFD",
+            UnicodeWarning,
+            stacklevel=4,
+        )
+    return out
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Group text indices into batches, longest first, bounded by count and padded tokens.
+
+    Each batch holds at most ``batch_size`` texts and at most ``max_batch_tokens`` tokens
+    once padded to its longest text (a single longer text still gets a batch of its own).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) >= batch_size or (len(current) + 1) * longest > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Embedder:
+    """A loaded embedding model with sentence-transformers-style ``encode``.
+
+    Build one with :func:`kalm_mlx.load`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, meta: dict, dtype: mx.Dtype):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.dtype = dtype
+        self.max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS
+        self.truncated_texts = 0
+        """How many texts were cut to ``max_tokens`` since loading (a running count)."""
+        self._lock = threading.Lock()
+
+    # --- description ---------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """Registry name of the model, or the folder name for an unregistered one."""
+        return self.meta["name"]
+
+    @property
+    def dim(self) -> int:
+        """Full embedding dimension."""
+        return int(self.meta["dim"])
+
+    @property
+    def max_tokens(self) -> int:
+        """Token limit per text, prompt included; longer texts are truncated on the right."""
+        return int(self.meta["max_tokens"])
+
+    @property
+    def pooling(self) -> str:
+        """Pooling method: ``mean``, ``cls`` or ``last``."""
+        return self.meta["pooling"]
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """Named prompts, at least ``query`` and ``document`` (a copy: edit ``meta`` to change them)."""
+        return dict(self.meta["prompts"])
+
+    @property
+    def matryoshka_dims(self) -> tuple[int, ...]:
+        """Dimensions the model was trained to be truncated to (empty when none)."""
+        return tuple(self.meta.get("matryoshka_dims") or ())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the loaded weights."""
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    def __repr__(self) -> str:
+        return (
+            f"Embedder(name={self.name!r}, dim={self.dim}, max_tokens={self.max_tokens}, "
+            f"pooling={self.pooling!r}, dtype={str(self.dtype).split('.')[-1]})"
+        )
+
+    # --- prompts -------------------------------------------------------------------------
+
+    def query_prompt(self, instruction: str | None = None) -> str:
+        """The query prompt, with ``instruction`` (or a task name such as ``sts``) in its slot."""
+        if instruction is None:
+            return self.meta["prompts"].get("query", "")
+        template = self.meta.get("query_template")
+        if not template:
+            raise ValueError(f"{self.name} takes no instruction: its query prompt is fixed")
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a string, not {type(instruction).__name__}")
+        tasks = self.meta.get("task_instructions") or {}
+        return template.format(instruction=tasks.get(instruction, instruction))
+
+    # --- encoding ------------------------------------------------------------------------
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        batch_size: int = 32,
+        normalize: bool = True,
+        truncate_dim: int | None = None,
+        show_progress_bar: bool | None = None,
+        allow_untrained_dim: bool = False,
+    ) -> np.ndarray:
+        """Embed texts into a float32 array of shape (n, dim).
+
+        ``prompt`` is prepended verbatim to every text; ``prompt_name`` picks one of
+        :attr:`prompts` instead (not both). A single string gives a (1, dim) array, an
+        empty list a (0, dim) one. ``truncate_dim`` keeps the first dims (Matryoshka),
+        then renormalises; dims the model was not trained for need ``allow_untrained_dim``.
+        """
+        text_list, _single = _as_text_list(texts)
+        prefix = self._resolve_prompt(prompt, prompt_name)
+        dim = self._check_truncate_dim(truncate_dim, allow_untrained_dim)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        if not text_list:
+            return np.zeros((0, dim), dtype=np.float32)
+        if prefix:
+            text_list = [prefix + text for text in text_list]
+        token_ids = self._tokenize(text_list)
+        vectors = self._embed_ids(token_ids, batch_size, show_progress_bar)
+        if dim != self.dim:
+            return truncate(vectors, dim, renormalize=normalize)
+        return l2_normalize(vectors) if normalize else vectors
+
+    def encode_queries(self, texts: str | Sequence[str], instruction: str | None = None,
+                       **kwargs) -> np.ndarray:
+        """Embed search queries with the model's query prompt (``instruction`` replaces its task text)."""
+        return self.encode(texts, prompt=self.query_prompt(instruction), **kwargs)
+
+    def encode_documents(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
+        """Embed documents with the model's document prompt (none for KaLM)."""
+        return self.encode(texts, prompt=self.meta["prompts"].get("document", ""), **kwargs)
+
+    def tokenize(self, texts: str | Sequence[str]) -> list[list[int]]:
+        """Token ids exactly as :meth:`encode` feeds them to the model (truncated, no padding)."""
+        text_list, _ = _as_text_list(texts)
+        return self._tokenize(text_list) if text_list else []
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str:
+        if prompt is not None and prompt_name is not None:
+            raise ValueError("give prompt or prompt_name, not both")
+        if prompt_name is not None:
+            prompts = self.meta["prompts"]
+            if prompt_name not in prompts:
+                raise ValueError(
+                    f"prompt_name {prompt_name!r} is not one of {self.name}'s prompts: "
+                    f"{', '.join(sorted(prompts))}"
+                )
+            return prompts[prompt_name]
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
+        return prompt or ""
+
+    def _check_truncate_dim(self, truncate_dim: int | None, allow_untrained: bool) -> int:
+        if truncate_dim is None:
+            return self.dim
+        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)):
+            raise TypeError(f"truncate_dim must be an integer, not {type(truncate_dim).__name__}")
+        truncate_dim = int(truncate_dim)
+        if not 1 <= truncate_dim <= self.dim:
+            raise ValueError(f"truncate_dim {truncate_dim} is outside 1..{self.dim}")
+        trained = self.matryoshka_dims or (self.dim,)
+        if truncate_dim not in trained and not allow_untrained:
+            raise ValueError(
+                f"{self.name} was trained for dims {', '.join(map(str, trained))}, not "
+                f"{truncate_dim}; pass allow_untrained_dim=True to truncate anyway"
+            )
+        return truncate_dim
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        texts = _replace_lone_surrogates(texts)
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        truncated = sum(1 for enc in encodings if enc.overflowing)
+        if truncated:
+            self.truncated_texts += truncated
+            warnings.warn(
+                f"{truncated} of {len(texts)} text(s) exceeded {self.max_tokens} tokens "
+                f"and were truncated",
+                TruncationWarning,
+                stacklevel=4,
+            )
+        return [enc.ids for enc in encodings]
+
+    def _embed_ids(self, token_ids: list[list[int]], batch_size: int,
+                   show_progress_bar: bool | None) -> np.ndarray:
+        out = np.zeros((len(token_ids), self.dim), dtype=np.float32)
+        lengths = [len(ids) for ids in token_ids]
+        nonempty = [i for i, n in enumerate(lengths) if n > 0]
+        if len(nonempty) < len(token_ids):
+            warnings.warn(
+                f"{len(token_ids) - len(nonempty)} text(s) have no tokens; their vectors are zeros",
+                EmptyTextWarning,
+                stacklevel=4,
+            )
+        batches = plan_batches([lengths[i] for i in nonempty], batch_size, self.max_batch_tokens)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"{self.name}", unit="batch")
+        with self._lock:
+            for batch in batches:
+                rows = [nonempty[i] for i in batch]
+                out[rows] = self._forward([token_ids[r] for r in rows])
+        return out
+
+    def _forward(self, batch_ids: list[list[int]]) -> np.ndarray:
+        """Encode one batch of token id lists and pool; returns (B, dim) float32."""
+        longest = max(len(ids) for ids in batch_ids)
+        ids = np.zeros((len(batch_ids), longest), dtype=np.int32)
+        mask = np.zeros((len(batch_ids), longest), dtype=bool)
+        for row, seq in enumerate(batch_ids):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = True
+        mask_mx = mx.array(mask)
+        padded = not mask.all()
+        hidden = self.model(mx.array(ids), mask_mx if padded else None)
+        pooled = pool(hidden, mask_mx, self.pooling)
+        return np.array(pooled, dtype=np.float32)

@@ -1,0 +1,190 @@
+"""Bidirectional Qwen2 encoder (KaLM-Embedding-V2 and V2.5).
+
+The Qwen2 decoder with the causal mask removed: every token attends to every
+real token of its own text, padding is hidden by an additive mask on the keys.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import check_weights, strip_prefix
+
+MODEL_TYPES = ("qwen2",)
+DEFAULT_POOLING = "mean"
+
+
+def default_max_tokens(config: dict) -> int:
+    """Token limit when the checkpoint names none: KaLM was trained on 512 tokens."""
+    return 512
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        """Build the arguments from a Hugging Face ``config.json`` dict (transformers 4 or 5)."""
+        try:
+            args = cls(
+                hidden_size=int(config["hidden_size"]),
+                num_hidden_layers=int(config["num_hidden_layers"]),
+                intermediate_size=int(config["intermediate_size"]),
+                num_attention_heads=int(config["num_attention_heads"]),
+                num_key_value_heads=int(
+                    config.get("num_key_value_heads") or config["num_attention_heads"]
+                ),
+                vocab_size=int(config["vocab_size"]),
+                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=_rope_theta(config),
+            )
+        except KeyError as err:
+            raise ValueError(f"Qwen2 config lacks the key {err.args[0]!r}") from None
+        if args.hidden_size % args.num_attention_heads:
+            raise ValueError(
+                f"Qwen2 config: hidden_size {args.hidden_size} is not a multiple of "
+                f"num_attention_heads {args.num_attention_heads}"
+            )
+        if args.num_attention_heads % args.num_key_value_heads:
+            raise ValueError(
+                f"Qwen2 config: num_attention_heads {args.num_attention_heads} is not a "
+                f"multiple of num_key_value_heads {args.num_key_value_heads}"
+            )
+        head_dim = config.get("head_dim")
+        if head_dim is not None and int(head_dim) != args.head_dim:
+            raise ValueError(
+                f"Qwen2 config: head_dim {head_dim} differs from hidden_size / heads = {args.head_dim}"
+            )
+        return args
+
+
+def _rope_theta(config: dict) -> float:
+    """RoPE base: top level (transformers 4) or under ``rope_parameters`` (transformers 5)."""
+    rope_parameters = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or rope_parameters
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise ValueError(f"Qwen2 config: RoPE scaling {rope_type!r} is not supported")
+    theta = config.get("rope_theta", rope_parameters.get("rope_theta"))
+    if theta is None:
+        warnings.warn(
+            "Qwen2 config has no rope_theta; using transformers' default 10000",
+            stacklevel=3,
+        )
+        theta = 10000.0
+    return float(theta)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+        self.rope_theta = args.rope_theta
+        dim = args.hidden_size
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+
+    def _heads(self, x: mx.array, n_heads: int) -> mx.array:
+        batch, length, _ = x.shape
+        return x.reshape(batch, length, n_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def _rope(self, x: mx.array) -> mx.array:
+        # Hugging Face rotates halves (rotate_half), which is traditional=False.
+        return mx.fast.rope(
+            x, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0
+        )
+
+    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
+        batch, length, _ = x.shape
+        queries = self._rope(self._heads(self.q_proj(x), self.n_heads))
+        keys = self._rope(self._heads(self.k_proj(x), self.n_kv_heads))
+        values = self._heads(self.v_proj(x), self.n_kv_heads)
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=self.scale, mask=mask
+        )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate = self.gate_proj(x)
+        # silu(g) * u written as g / (1 + exp(-g)) * u: same values, faster on MLX's CPU backend.
+        return self.down_proj(gate / (1 + mx.exp(-gate)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Model(nn.Module):
+    """Qwen2 without a causal mask: token ids (B, L) -> last hidden states (B, L, H)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+        h = self.embed_tokens(input_ids)
+        mask = None
+        if attention_mask is not None:
+            # Additive key mask (B, 1, 1, L) in the activation dtype: it broadcasts over
+            # heads and queries, and sdpa refuses a float32 mask with float16 queries.
+            keep = attention_mask.astype(mx.bool_)[:, None, None, :]
+            mask = mx.where(keep, 0.0, float("-inf")).astype(h.dtype)
+        for layer in self.layers:
+            h = layer(h, mask)
+        return self.norm(h)
+
+    def sanitize(self, weights: dict[str, mx.array], source: str = "checkpoint") -> dict[str, mx.array]:
+        """Map Hugging Face Qwen2 tensor names to this module's, checking names and shapes.
+
+        Accepts names with or without the ``model.`` prefix, drops ``lm_head`` and
+        rotary buffers, and raises ValueError naming any other unexpected tensor.
+        """
+        weights = strip_prefix(weights, ("model.",))
+        weights = {
+            name: value
+            for name, value in weights.items()
+            if not name.startswith("lm_head.") and "rotary_emb" not in name
+        }
+        check_weights(self, weights, source)
+        return weights

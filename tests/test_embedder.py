@@ -1,0 +1,158 @@
+"""The Embedder API: shapes, prompts, batching, truncation and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import kalm_mlx
+from kalm_mlx.embedder import plan_batches
+from kalm_mlx.registry import KALM_DEFAULT_INSTRUCTION, KALM_QUERY_TEMPLATE
+from tests.helpers import TEXTS, torch_qwen2_embed
+
+KALM_QUERY = KALM_QUERY_TEMPLATE.format(instruction=KALM_DEFAULT_INSTRUCTION)
+
+
+def test_shapes_single_and_empty(small_model):
+    assert small_model.encode([]).shape == (0, small_model.dim)
+    assert small_model.encode([]).dtype == np.float32
+    assert small_model.encode("hello").shape == (1, small_model.dim)
+    assert small_model.encode(("a", "b")).shape == (2, small_model.dim)
+
+
+def test_vectors_are_unit_length_unless_asked(small_model):
+    assert np.allclose(np.linalg.norm(small_model.encode(TEXTS), axis=1), 1.0, atol=1e-5)
+    raw = small_model.encode(TEXTS, normalize=False)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    assert np.abs(unit - small_model.encode(TEXTS)).max() < 1e-6
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"bytes", ["ok", None], ["ok", 5], [b"x"]])
+def test_non_strings_raise_type_error(small_model, bad):
+    with pytest.raises(TypeError):
+        small_model.encode(bad)
+
+
+def test_kalm_prompts(small_model, qwen2_gqa2):
+    _, reference = qwen2_gqa2
+    assert small_model.prompts == {"query": KALM_QUERY, "document": ""}
+    queries = small_model.encode_queries(["what is mlx?"])
+    assert np.array_equal(queries, small_model.encode(["what is mlx?"], prompt=KALM_QUERY))
+    assert np.array_equal(queries, small_model.encode(["what is mlx?"], prompt_name="query"))
+    # The prompt is tokenised with the text and its tokens are part of the mean pool.
+    ids = small_model.tokenize([KALM_QUERY + "what is mlx?"])
+    assert np.abs(queries - torch_qwen2_embed(reference, ids)).max() <= 1e-4
+    assert np.array_equal(small_model.encode_documents(TEXTS), small_model.encode(TEXTS))
+
+
+def test_instruction_overrides_the_task(small_model):
+    custom = small_model.encode_queries(["mlx"], instruction="Retrieve code")
+    expected = small_model.encode(["mlx"], prompt="Instruct: Retrieve code \n Query: ")
+    assert np.array_equal(custom, expected)
+    assert not np.allclose(custom, small_model.encode_queries(["mlx"]))
+    assert small_model.query_prompt("retrieval") == KALM_QUERY
+
+
+def test_no_eos_is_appended(small_model):
+    ids = small_model.tokenize("hello")[0]
+    assert small_model.tokenizer.token_to_id("<|endoftext|>") not in ids
+    assert ids == small_model.tokenizer.encode("hello", add_special_tokens=False).ids
+
+
+def test_prompt_argument_errors(small_model):
+    with pytest.raises(ValueError, match="not both"):
+        small_model.encode("x", prompt="a", prompt_name="query")
+    with pytest.raises(ValueError, match="prompt_name 'nope'.*document, query"):
+        small_model.encode("x", prompt_name="nope")
+    with pytest.raises(TypeError):
+        small_model.encode("x", prompt=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        small_model.encode("x", batch_size=0)
+
+
+def test_batch_invariance_and_order(small_model):
+    alone = np.concatenate([small_model.encode(text) for text in TEXTS])
+    mixed = small_model.encode(TEXTS, batch_size=4)
+    assert np.abs(alone - mixed).max() <= 1e-5
+    order = [3, 0, 5, 1, 4, 2]
+    shuffled = small_model.encode([TEXTS[i] for i in order], batch_size=2)
+    assert np.abs(shuffled - mixed[order]).max() <= 1e-5
+
+
+def test_token_budget_splits_batches_without_changing_vectors(qwen2_gqa2):
+    model = kalm_mlx.load(qwen2_gqa2[0])
+    full = model.encode(TEXTS)
+    model.max_batch_tokens = 8
+    assert np.abs(model.encode(TEXTS) - full).max() <= 1e-5
+
+
+def test_plan_batches_longest_first_within_bounds():
+    lengths = [5, 50, 7, 30, 30, 1, 12]
+    batches = plan_batches(lengths, batch_size=3, max_batch_tokens=100)
+    flat = [i for batch in batches for i in batch]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 100
+    assert plan_batches([500], batch_size=8, max_batch_tokens=100) == [[0]]
+    assert plan_batches([], batch_size=8, max_batch_tokens=100) == []
+
+
+def test_truncation_is_counted(small_model):
+    model = copy.copy(small_model)
+    model.truncated_texts = 0
+    long = "word " * 2000
+    with pytest.warns(kalm_mlx.TruncationWarning, match="1 of 2"):
+        model.encode([long, "short"])
+    assert model.truncated_texts == 1
+    assert len(model.tokenize(long)[0]) == model.max_tokens
+
+
+def test_empty_text_gives_zero_vector_and_warning(small_model):
+    with pytest.warns(kalm_mlx.EmptyTextWarning):
+        vectors = small_model.encode(["hello", "", "world"])
+    assert np.all(vectors[1] == 0)
+    assert np.abs(vectors[[0, 2]] - small_model.encode(["hello", "world"])).max() <= 1e-5
+    with pytest.warns(kalm_mlx.EmptyTextWarning):
+        assert np.all(small_model.encode([""]) == 0)
+
+
+def test_lone_surrogates_are_replaced_with_a_warning(small_model):
+    with pytest.warns(UnicodeWarning):
+        got = small_model.encode(["bad \ud800 text"])
+    assert np.array_equal(got, small_model.encode(["bad \ufffd text"]))
+
+
+def test_truncate_dim(small_model):
+    model = copy.copy(small_model)
+    model.meta = {**small_model.meta, "matryoshka_dims": [256, 128, 64]}
+    raw = model.encode(TEXTS, normalize=False)
+    short = model.encode(TEXTS, truncate_dim=64)
+    expected = raw[:, :64] / np.linalg.norm(raw[:, :64], axis=1, keepdims=True)
+    assert short.shape == (len(TEXTS), 64)
+    assert np.abs(short - expected).max() < 1e-6
+    assert np.array_equal(model.encode(TEXTS, truncate_dim=64, normalize=False), raw[:, :64])
+    with pytest.raises(ValueError, match="trained for dims 256, 128, 64"):
+        model.encode(TEXTS, truncate_dim=100)
+    assert model.encode(TEXTS, truncate_dim=100, allow_untrained_dim=True).shape == (6, 100)
+    with pytest.raises(ValueError, match="outside"):
+        model.encode(TEXTS, truncate_dim=999, allow_untrained_dim=True)
+    with pytest.raises(TypeError):
+        model.encode(TEXTS, truncate_dim=64.0)
+
+
+def test_bad_dtype_is_refused(qwen2_gqa2):
+    with pytest.raises(ValueError, match="float64"):
+        kalm_mlx.load(qwen2_gqa2[0], dtype="float64")
+
+
+def test_description(small_model):
+    assert small_model.dim == 256
+    assert small_model.max_tokens == 512
+    assert small_model.pooling == "mean"
+    assert small_model.nbytes > 0
+    assert "dim=256" in repr(small_model)

@@ -1,0 +1,214 @@
+"""The ``kalm-mlx`` command: ``embed`` texts, list the ``models``, ``convert`` checkpoints.
+
+``kalm-mlx embed`` prints one JSON object per line and per text, in input order::
+
+    {"text": "hello", "embedding": [0.0123, -0.0456, ...]}
+
+Texts come from the arguments or, when there are none, from standard input, one per
+line (read and embedded in chunks, so a long stream needs little memory). Vector
+components are written with the shortest decimal form that reads back as the same
+float32. Errors print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+
+import numpy as np
+
+DEFAULT_MODEL = "minilm"
+"""The model ``embed`` uses without ``--model``: its weights ship with a package, so it works offline."""
+
+STDIN_CHUNK = 256
+"""Texts read from standard input per call to the model."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``kalm-mlx`` and its subcommands."""
+    from convert.cli import build_parser as build_convert_parser
+
+    parser = argparse.ArgumentParser(
+        prog="kalm-mlx",
+        description="Text embeddings with MLX: KaLM-Embedding-V2, BGE, MiniLM, GTE and Nomic.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    embed = commands.add_parser(
+        "embed",
+        help="embed texts and print JSON lines",
+        description="Embed texts (arguments, or standard input one per line) and print one JSON "
+                    'object per text: {"text": ..., "embedding": [...]}.',
+    )
+    embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (default: read stdin)")
+    embed.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                       help=f"registry name, hub id or folder (default: {DEFAULT_MODEL})")
+    kind = embed.add_mutually_exclusive_group()
+    kind.add_argument("--query", action="store_true",
+                      help="embed as search queries (the model's query prompt)")
+    kind.add_argument("--document", action="store_true",
+                      help="embed as documents (the model's document prompt)")
+    embed.add_argument("--instruction", metavar="TEXT",
+                       help="query instruction or task name (retrieval, sts, classification, "
+                            "clustering) for instruction-tuned models; implies --query")
+    embed.add_argument("--dim", type=int, metavar="N",
+                       help="keep the first N dimensions (one of the model's Matryoshka dims)")
+    embed.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                       help="compute dtype (default: float16 on a GPU, float32 on the CPU)")
+    embed.add_argument("--batch-size", type=int, default=32, metavar="N",
+                       help="texts per batch (default: 32)")
+    embed.add_argument("--quantized", choices=["auto", "keep", "dequantize"], default="auto",
+                       help="for quantized folders: keep the quantized layers or dequantize them "
+                            "(default auto: dequantize the Linear layers on the CPU only)")
+
+    models = commands.add_parser(
+        "models",
+        help="list the known models",
+        description="List the registry: dimensions, token limit, memory, opt-in, local copies.",
+    )
+    models.add_argument("--json", action="store_true", help="print one JSON object per model")
+
+    commands.add_parser(
+        "convert",
+        parents=[build_convert_parser()],
+        add_help=False,
+        help="convert a Hugging Face checkpoint (same as kalm-mlx-convert)",
+        description="Convert a Hugging Face embedding checkpoint into a kalm-mlx folder.",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kalm-mlx``; returns the exit status (0 success, 2 error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed the usage or the help
+        return int(exit_.code or 0)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            if args.command == "embed":
+                return run_embed(args)
+            if args.command == "models":
+                return run_models(args)
+            from convert.cli import main as convert_main
+
+            return convert_main(argv[1:])
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# --- embed ---------------------------------------------------------------------------------
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """``kalm-mlx embed``: load the model, embed the texts, print JSON lines."""
+    import kalm_mlx
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if not args.texts and sys.stdin.isatty():
+        raise ValueError("give texts as arguments or pipe them on standard input, one per line")
+    model = kalm_mlx.load(args.model, dtype=args.dtype, quantized=args.quantized)
+    options = {"batch_size": args.batch_size, "truncate_dim": args.dim}
+    chunks = [args.texts] if args.texts else _chunks(_stdin_lines(), STDIN_CHUNK)
+    for texts in chunks:
+        if args.query or args.instruction is not None:
+            vectors = model.encode_queries(texts, instruction=args.instruction, **options)
+        elif args.document:
+            vectors = model.encode_documents(texts, **options)
+        else:
+            vectors = model.encode(texts, **options)
+        for text, vector in zip(texts, vectors):
+            sys.stdout.write(embedding_line(text, vector) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def embedding_line(text: str, vector: np.ndarray) -> str:
+    """One JSON line ``{"text": ..., "embedding": [...]}`` with float32-exact components."""
+    components = ", ".join(str(value) for value in np.asarray(vector, dtype=np.float32))
+    return f'{{"text": {json.dumps(text, ensure_ascii=False)}, "embedding": [{components}]}}'
+
+
+def _stdin_lines() -> Iterator[str]:
+    for line in sys.stdin:
+        yield line.rstrip("\r\n")
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+def model_rows() -> list[dict]:
+    """One dict per registry model: what ``kalm-mlx models`` prints."""
+    from .hub import local_copies
+    from .registry import list_models
+
+    return [
+        {
+            "name": entry.name,
+            "hub_id": entry.hub_id,
+            "family": entry.family,
+            "dim": entry.dim,
+            "max_tokens": entry.max_tokens,
+            "pooling": entry.pooling,
+            "parameters": entry.parameters,
+            "memory_mb_float32": round(entry.memory_bytes(4) / 1e6),
+            "memory_mb_float16": round(entry.memory_bytes(2) / 1e6),
+            "matryoshka_dims": list(entry.matryoshka_dims),
+            "prompts": entry.prompts,
+            "opt_in": entry.opt_in,
+            "aliases": list(entry.aliases),
+            "local": local_copies(entry),
+        }
+        for entry in list_models()
+    ]
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """``kalm-mlx models``: the registry as a table, or as JSON lines with ``--json``."""
+    rows = model_rows()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
+    header = ("NAME", "DIM", "TOKENS", "POOLING", "MB f32/f16", "OPT-IN", "LOCAL", "HUB ID")
+    table = [header] + [
+        (
+            row["name"],
+            str(row["dim"]),
+            str(row["max_tokens"]),
+            row["pooling"],
+            f"{row['memory_mb_float32']}/{row['memory_mb_float16']}",
+            "yes" if row["opt_in"] else "no",
+            ",".join(row["local"]) or "-",
+            row["hub_id"],
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,12 +2,14 @@
 
 from . import _backend  # noqa: F401  (must run before mlx.core is imported)
 from .embedder import EmptyTextWarning, Embedder, TruncationWarning
+from .ensemble import Ensemble
 from .loading import load
 from .registry import ModelEntry, list_models
 
 __all__ = [
     "Embedder",
     "EmptyTextWarning",
+    "Ensemble",
     "ModelEntry",
     "TruncationWarning",
     "list_models",

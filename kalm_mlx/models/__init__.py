@@ -9,6 +9,8 @@ from types import ModuleType
 # ModelArgs.from_config, Model (with sanitize) and DEFAULT_POOLING.
 FAMILIES = {
     "qwen2": "kalm_mlx.models.qwen2",
+    "bert": "kalm_mlx.models.bert",
+    "nomic_bert": "kalm_mlx.models.nomic_bert",
 }
 
 

@@ -39,3 +39,16 @@ def strip_prefix(weights: dict[str, mx.array], prefixes: tuple[str, ...]) -> dic
                 break
         out[name] = value
     return out
+
+
+def additive_key_mask(attention_mask: mx.array | None, dtype: mx.Dtype) -> mx.array | None:
+    """Turn a (B, L) 0/1 mask into an additive (B, 1, 1, L) key mask in ``dtype``.
+
+    The mask broadcasts over heads and queries; it is built in the activation dtype
+    because ``mx.fast.scaled_dot_product_attention`` refuses a float32 mask with
+    float16 queries.
+    """
+    if attention_mask is None:
+        return None
+    keep = attention_mask.astype(mx.bool_)[:, None, None, :]
+    return mx.where(keep, 0.0, float("-inf")).astype(dtype)

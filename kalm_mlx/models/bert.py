@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import check_weights, strip_prefix
+from .base import additive_key_mask, check_weights, strip_prefix
 
 MODEL_TYPES = ("bert",)
 # Pooling normally comes from the checkpoint's 1_Pooling/config.json or the registry.
@@ -86,19 +86,6 @@ class ModelArgs:
         if args.type_vocab_size < 1:
             raise ValueError("BERT config: type_vocab_size must be at least 1")
         return args
-
-
-def additive_key_mask(attention_mask: mx.array | None, dtype: mx.Dtype) -> mx.array | None:
-    """Turn a (B, L) 0/1 mask into an additive (B, 1, 1, L) key mask in ``dtype``.
-
-    The mask broadcasts over heads and queries; it is built in the activation dtype
-    because ``mx.fast.scaled_dot_product_attention`` refuses a float32 mask with
-    float16 queries.
-    """
-    if attention_mask is None:
-        return None
-    keep = attention_mask.astype(mx.bool_)[:, None, None, :]
-    return mx.where(keep, 0.0, float("-inf")).astype(dtype)
 
 
 # Module and parameter names follow Hugging Face's BertModel exactly, so that the

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import check_weights, strip_prefix
-from .bert import additive_key_mask
+from .base import additive_key_mask, check_weights, strip_prefix
 
 MODEL_TYPES = ("nomic_bert",)
 DEFAULT_POOLING = "mean"

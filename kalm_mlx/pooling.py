@@ -35,7 +35,20 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
-def truncate(vectors: np.ndarray, dim: int, renormalize: bool = True) -> np.ndarray:
-    """Keep the first ``dim`` components (Matryoshka), then renormalise unless told not to."""
+def layer_norm(vectors: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Weightless layer norm over each row (zero mean, unit variance)."""
+    centered = vectors - vectors.mean(axis=1, keepdims=True)
+    return centered / np.sqrt((centered**2).mean(axis=1, keepdims=True) + eps)
+
+
+def truncate(vectors: np.ndarray, dim: int, renormalize: bool = True,
+             pre_layer_norm: bool = False) -> np.ndarray:
+    """Keep the first ``dim`` components (Matryoshka), then renormalise unless told not to.
+
+    ``pre_layer_norm`` first applies a weightless layer norm to the full vectors, as
+    nomic-embed-text-v1.5's Matryoshka recipe does.
+    """
+    if pre_layer_norm:
+        vectors = layer_norm(vectors)
     out = np.ascontiguousarray(vectors[:, :dim])
     return normalize(out) if renormalize else out

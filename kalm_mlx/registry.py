@@ -53,6 +53,8 @@ class ModelEntry:
     task_instructions: dict[str, str] = field(default_factory=dict)
     """Task name -> instruction for ``query_template`` (``""``: embed the query bare)."""
     matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_layer_norm: bool = False
+    """Apply a weightless layer norm to the full vector before truncating (nomic's recipe)."""
     opt_in: bool = False
     """Opt-in models are left out of the default ensemble: name them to use them."""
     bundled_package: str | None = None
@@ -138,6 +140,7 @@ MODELS: tuple[ModelEntry, ...] = (
         query_prompt="search_query: ",
         document_prompt="search_document: ",
         matryoshka_dims=(768, 512, 256, 128, 64),
+        matryoshka_layer_norm=True,
         description="nomic-embed-text v1.5: English, long context (rotary positions)",
     ),
     _kalm(

@@ -156,3 +156,17 @@ def test_description(small_model):
     assert small_model.pooling == "mean"
     assert small_model.nbytes > 0
     assert "dim=256" in repr(small_model)
+
+
+def test_truncate_dim_with_nomic_layer_norm(small_model):
+    """nomic's recipe: layer norm over the full vector, then truncate, then normalise."""
+    model = copy.copy(small_model)
+    model.meta = {**small_model.meta, "matryoshka_dims": [256, 64], "matryoshka_layer_norm": True}
+    raw = model.encode(TEXTS, normalize=False)
+    centered = raw - raw.mean(axis=1, keepdims=True)
+    normed = centered / np.sqrt((centered**2).mean(axis=1, keepdims=True) + 1e-5)
+    expected = normed[:, :64] / np.linalg.norm(normed[:, :64], axis=1, keepdims=True)
+    assert np.abs(model.encode(TEXTS, truncate_dim=64) - expected).max() < 1e-6
+    plain = small_model.encode(TEXTS, truncate_dim=64, allow_untrained_dim=True)
+    assert np.abs(plain - expected).max() > 1e-3
+    assert np.array_equal(model.encode(TEXTS), small_model.encode(TEXTS))

@@ -11,10 +11,10 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from kalm_mlx.hub import resolve
 from kalm_mlx.loading import (
@@ -22,10 +22,21 @@ from kalm_mlx.loading import (
     META_KEY,
     TOKENIZER_FILES,
     Checkpoint,
+    model_skeleton,
     read_checkpoint,
 )
-from kalm_mlx.models import family_module
 from kalm_mlx.models.base import check_weights
+
+from .quantize import (
+    QuantizationPlan,
+    embedding_agreement,
+    parse_quantize,
+    plan_quantization,
+    quantize_tensor,
+)
+
+PROGRESS_MIN_BYTES = 100_000_000
+"""Below this many bytes of weights a conversion is quick and shows no progress bar by default."""
 
 
 class ConversionError(ValueError):
@@ -54,25 +65,46 @@ def validate_output(out: Path, src: Path | None, force: bool) -> Path:
 
 def check_checkpoint(checkpoint: Checkpoint) -> None:
     """Check every tensor against the shapes the config implies (quantized layers included)."""
-    import mlx.nn as nn
-
-    module = family_module(checkpoint.meta["family"])
-    model = module.Model(module.ModelArgs.from_config(checkpoint.config))
-    quantization = checkpoint.meta.get("quantization")
-    if quantization:
-        modules = set(quantization["modules"])
-        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                    class_predicate=lambda path, _m: path in modules)
-    check_weights(model, checkpoint.weights, str(checkpoint.folder))
+    check_weights(model_skeleton(checkpoint), checkpoint.weights, str(checkpoint.folder))
 
 
-def cast_weights(weights: dict[str, mx.array], dtype: str) -> dict[str, mx.array]:
-    """Cast floating-point tensors to ``dtype``; integer (packed) tensors stay as they are."""
-    target = DTYPES[dtype]
-    return {
-        name: value.astype(target) if mx.issubdtype(value.dtype, mx.floating) else value
-        for name, value in weights.items()
-    }
+def prepare_weights(
+    weights: dict[str, mx.array],
+    dtype: str | None = None,
+    plan: QuantizationPlan | None = None,
+    progress: bool | None = None,
+) -> dict[str, mx.array]:
+    """The tensors to write: cast to ``dtype`` (integer tensors kept) and quantized per ``plan``.
+
+    Tensors are computed one at a time behind a tqdm progress bar; ``progress`` None shows
+    it for checkpoints over :data:`PROGRESS_MIN_BYTES` when stderr is a terminal.
+    """
+    from tqdm.auto import tqdm
+
+    target = DTYPES[dtype] if dtype is not None else None
+    quantized = {f"{path}.weight": path for path in plan.modules} if plan else {}
+    total = sum(value.nbytes for value in weights.values())
+    if progress is None:
+        # tqdm's disable=None hides the bar when stderr is not a terminal.
+        disable = True if total < PROGRESS_MIN_BYTES else None
+    else:
+        disable = not progress
+    description = f"quantizing {plan.name}" if plan else "converting"
+    out: dict[str, mx.array] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=disable) as bar:
+        for name, value in weights.items():
+            if name in quantized:
+                layer = quantized[name]
+                new = dict(zip((name, f"{layer}.scales", f"{layer}.biases"),
+                               quantize_tensor(value, plan, target)))
+            elif target is not None and mx.issubdtype(value.dtype, mx.floating):
+                new = {name: value.astype(target)}
+            else:
+                new = {name: value}
+            mx.eval(list(new.values()))
+            out.update(new)
+            bar.update(value.nbytes)
+    return out
 
 
 def save_weights(folder: Path, weights: dict[str, mx.array]) -> None:
@@ -127,15 +159,34 @@ def convert(
     out: str | Path,
     *,
     dtype: str | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
     force: bool = False,
+    progress: bool | None = None,
 ) -> dict:
     """Convert SRC (local HF folder, hub id, registry name or converted folder) into OUT.
 
-    ``dtype`` casts the stored weights (default: keep the source's dtype). Returns a
-    report dict: tensors, parameters, bytes before and after, dtype, output path.
+    ``dtype`` casts the stored weights (default: keep the source's dtype). ``quantize``
+    (``q8`` or ``q4``) quantizes every Linear and Embedding layer with ``group_size``
+    (32, 64 or 128; default 64), skipping layers whose input size it does not divide.
+    ``progress`` shows a progress bar (None: for large checkpoints on a terminal).
+
+    Returns a report dict: output, family, tensors, parameters, dtype, bytes_before,
+    bytes_after, quantization (None, or bits, group_size, modules and skipped as in the
+    config) and quality (None, or the agreement of quantized and float embeddings on
+    built-in texts: texts, mean_cosine, min_cosine, worst_text and the quantized vectors).
+    Raises ConversionError (a ValueError) before writing anything when an input is bad.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if quantize is None and group_size is not None:
+        raise ConversionError("--group-size applies only with --quantize q8|q4")
+    bits_and_group = None
+    if quantize is not None:
+        try:
+            bits_and_group = parse_quantize(quantize, group_size)
+        except ValueError as err:
+            raise ConversionError(str(err)) from None
     local_src = Path(src).expanduser()
     out = validate_output(Path(out), local_src if local_src.exists() else None, force)
     folder, entry = resolve(src)
@@ -143,19 +194,47 @@ def convert(
         raise ConversionError(f"{folder}: tokenizer.json not found; kalm-mlx needs the fast tokenizer file")
     checkpoint = read_checkpoint(folder, entry)
     check_checkpoint(checkpoint)
+    plan = None
+    if bits_and_group is not None:
+        plan = _plan(checkpoint, *bits_and_group)
     bytes_before = _folder_bytes(folder)
+    meta = dict(checkpoint.meta, source=str(src))
     if dtype is not None:
-        checkpoint.weights = cast_weights(checkpoint.weights, dtype)
-        checkpoint.meta["dtype"] = dtype
-    checkpoint.meta["source"] = str(src)
-    write_folder(out, checkpoint, force)
-    weights = checkpoint.weights
+        meta["dtype"] = dtype
+    if plan is not None:
+        meta["quantization"] = plan.record()
+    converted = replace(checkpoint, meta=meta,
+                        weights=prepare_weights(checkpoint.weights, dtype, plan, progress))
+    quality = None
+    if plan is not None:
+        check_checkpoint(converted)
+        quality = embedding_agreement(checkpoint, converted)
+    write_folder(out, converted, force)
     return {
         "output": str(out),
-        "family": checkpoint.meta["family"],
-        "tensors": len(weights),
-        "parameters": sum(v.size for v in weights.values()),
-        "dtype": checkpoint.meta["dtype"],
+        "family": meta["family"],
+        "tensors": len(converted.weights),
+        "parameters": sum(v.size for v in checkpoint.weights.values()),
+        "dtype": meta["dtype"],
         "bytes_before": bytes_before,
         "bytes_after": _folder_bytes(out),
+        "quantization": meta.get("quantization"),
+        "quality": quality,
     }
+
+
+def _plan(checkpoint: Checkpoint, bits: int, group_size: int) -> QuantizationPlan:
+    """The quantization plan for a checkpoint; ConversionError when it cannot be quantized."""
+    existing = checkpoint.meta.get("quantization")
+    if existing:
+        raise ConversionError(
+            f"{checkpoint.folder} is already quantized (q{existing.get('bits')}, group size "
+            f"{existing.get('group_size')}); convert from its float folder or the original checkpoint"
+        )
+    plan = plan_quantization(model_skeleton(checkpoint), bits, group_size)
+    if not plan.modules:
+        raise ConversionError(
+            f"no layer of {checkpoint.folder} has an input size that is a multiple of "
+            f"group size {group_size}; try a smaller --group-size"
+        )
+    return plan

@@ -165,7 +165,9 @@ class Embedder:
         if not isinstance(instruction, str):
             raise TypeError(f"instruction must be a string, not {type(instruction).__name__}")
         tasks = self.meta.get("task_instructions") or {}
-        return template.format(instruction=tasks.get(instruction, instruction))
+        text = tasks.get(instruction, instruction)
+        # An empty instruction (KaLM's "sts" task) means the query is embedded bare.
+        return template.format(instruction=text) if text else ""
 
     # --- encoding ------------------------------------------------------------------------
 
@@ -199,7 +201,8 @@ class Embedder:
         token_ids = self._tokenize(text_list)
         vectors = self._embed_ids(token_ids, batch_size, show_progress_bar)
         if dim != self.dim:
-            return truncate(vectors, dim, renormalize=normalize)
+            return truncate(vectors, dim, renormalize=normalize,
+                            pre_layer_norm=bool(self.meta.get("matryoshka_layer_norm")))
         return l2_normalize(vectors) if normalize else vectors
 
     def encode_queries(self, texts: str | Sequence[str], instruction: str | None = None,
@@ -259,7 +262,7 @@ class Embedder:
                 f"{truncated} of {len(texts)} text(s) exceeded {self.max_tokens} tokens "
                 f"and were truncated",
                 TruncationWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
         return [enc.ids for enc in encodings]
 
@@ -272,7 +275,7 @@ class Embedder:
             warnings.warn(
                 f"{len(token_ids) - len(nonempty)} text(s) have no tokens; their vectors are zeros",
                 EmptyTextWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
         batches = plan_batches([lengths[i] for i in nonempty], batch_size, self.max_batch_tokens)
         if show_progress_bar:

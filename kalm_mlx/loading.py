@@ -8,7 +8,9 @@ whose config.json carries a ``kalm_mlx`` section. Both are read into the same
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,6 +210,7 @@ def embedding_meta(folder: Path, config: dict, entry: ModelEntry | None, source:
         "default_instruction": prompt_source.default_instruction if prompt_source else None,
         "task_instructions": dict(prompt_source.task_instructions) if prompt_source else {},
         "matryoshka_dims": list(entry.matryoshka_dims) if entry else [],
+        "matryoshka_layer_norm": bool(entry and entry.matryoshka_layer_norm),
         "source": source,
         "quantization": None,
     }
@@ -271,6 +274,136 @@ def read_checkpoint(folder: Path, entry: ModelEntry | None = None) -> Checkpoint
     return read_hf_checkpoint(folder, entry)
 
 
+# --- quantization -------------------------------------------------------------------------
+
+QUANTIZED_CHOICES = ("auto", "keep", "dequantize")
+"""What ``load(quantized=...)`` does with a quantized folder (see :func:`modules_to_dequantize`)."""
+QUANTIZATION_BITS = (4, 8)
+QUANTIZATION_GROUP_SIZES = (32, 64, 128)
+
+
+def check_quantized_choice(quantized: str) -> None:
+    """Raise ValueError unless ``quantized`` is one of :data:`QUANTIZED_CHOICES`."""
+    if quantized not in QUANTIZED_CHOICES:
+        raise ValueError(f"quantized={quantized!r} is not one of {', '.join(QUANTIZED_CHOICES)}")
+
+
+def quantizable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's ``nn.Linear`` and ``nn.Embedding`` layers by dotted path: what may be quantized."""
+    return {
+        path: module
+        for path, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Embedding))
+    }
+
+
+def apply_quantization(model: nn.Module, quantization: dict, source: str) -> None:
+    """Turn the layers a folder's quantization record lists into quantized layers, in place.
+
+    The record is ``{"bits", "group_size", "modules": [paths], ...}`` as written by
+    ``convert``; raises ValueError naming ``source`` when it is malformed or lists a
+    layer the model does not have (or cannot quantize).
+    """
+    bits = quantization.get("bits")
+    group_size = quantization.get("group_size")
+    modules = quantization.get("modules")
+    if bits not in QUANTIZATION_BITS:
+        raise ValueError(f"{source}: quantization bits {bits!r} is not one of {QUANTIZATION_BITS}")
+    if group_size not in QUANTIZATION_GROUP_SIZES:
+        raise ValueError(
+            f"{source}: quantization group_size {group_size!r} is not one of {QUANTIZATION_GROUP_SIZES}"
+        )
+    if quantization.get("mode", "affine") != "affine":
+        raise ValueError(f"{source}: quantization mode {quantization['mode']!r} is not 'affine'")
+    if not isinstance(modules, list) or not all(isinstance(path, str) for path in modules):
+        raise ValueError(f"{source}: quantization 'modules' must be a list of layer paths")
+    candidates = quantizable_modules(model)
+    unknown = sorted(set(modules) - set(candidates))
+    if unknown:
+        raise ValueError(
+            f"{source}: quantization lists layer '{unknown[0]}', which is not a Linear or "
+            f"Embedding layer of this {type(model).__module__.split('.')[-1]} model"
+        )
+    listed = set(modules)
+    nn.quantize(
+        model,
+        group_size=group_size,
+        bits=bits,
+        mode="affine",
+        class_predicate=lambda path, _module: path in listed,
+    )
+
+
+def model_skeleton(checkpoint: Checkpoint) -> nn.Module:
+    """The checkpoint's encoder with its recorded layers quantized, before any weight is loaded.
+
+    Its initial weights are lazy and never computed; they only give names and shapes.
+    """
+    module = family_module(checkpoint.meta["family"])
+    model = module.Model(module.ModelArgs.from_config(checkpoint.config))
+    quantization = checkpoint.meta.get("quantization")
+    if quantization:
+        apply_quantization(model, quantization, str(checkpoint.folder / "config.json"))
+    return model
+
+
+def modules_to_dequantize(model: nn.Module, quantized: str) -> list[str]:
+    """Paths of the quantized layers to turn back into float layers, for ``load(quantized=...)``.
+
+    ``keep``: none. ``dequantize``: all. ``auto`` (the default): none on a GPU; on the CPU
+    the quantized Linear layers but not the embedding table. MLX's CPU quantized matmul is
+    about 50x slower than float32 with OpenBLAS, while a quantized embedding is a row
+    lookup that costs nothing extra, and for KaLM it holds over a quarter of the weights.
+    """
+    check_quantized_choice(quantized)
+    layers = {
+        path: module
+        for path, module in model.named_modules()
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    }
+    if quantized == "keep" or (quantized == "auto" and mx.default_device() == mx.gpu):
+        return []
+    if quantized == "dequantize":
+        return sorted(layers)
+    return sorted(path for path, module in layers.items() if isinstance(module, nn.QuantizedLinear))
+
+
+def _dequantized_layer(layer: nn.Module, dtype: mx.Dtype) -> nn.Module:
+    weight = mx.dequantize(
+        layer["weight"],
+        scales=layer["scales"],
+        biases=layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    ).astype(dtype)
+    if isinstance(layer, nn.QuantizedEmbedding):
+        plain = nn.Embedding(*weight.shape)
+    else:
+        output_dims, input_dims = weight.shape
+        plain = nn.Linear(input_dims, output_dims, bias="bias" in layer)
+        if "bias" in layer:
+            plain.bias = layer.bias
+    plain.weight = weight
+    return plain
+
+
+def dequantize_modules(model: nn.Module, paths: list[str], dtype: mx.Dtype) -> None:
+    """Replace the quantized layers at ``paths`` by plain ``nn.Linear`` / ``nn.Embedding`` in ``dtype``.
+
+    The weights come from ``mx.dequantize``; each layer is computed before the next one is
+    started, so that no more than one layer's temporaries exist at a time.
+    """
+    for path in paths:
+        *parents, name = path.split(".")
+        parent = model
+        for part in parents:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        plain = _dequantized_layer(parent[name], dtype)
+        mx.eval(plain.parameters())
+        setattr(parent, name, plain)
+
+
 # --- building -----------------------------------------------------------------------------
 
 
@@ -283,47 +416,74 @@ def resolve_dtype(dtype: str | None) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def build_model(checkpoint: Checkpoint, dtype: mx.Dtype) -> nn.Module:
-    """Instantiate the encoder, rebuild quantized layers, and load the weights in ``dtype``."""
-    module = family_module(checkpoint.meta["family"])
-    model = module.Model(module.ModelArgs.from_config(checkpoint.config))
-    quantization = checkpoint.meta.get("quantization")
-    if quantization:
-        quantized = set(quantization["modules"])
-        nn.quantize(
-            model,
-            group_size=int(quantization["group_size"]),
-            bits=int(quantization["bits"]),
-            class_predicate=lambda path, _module: path in quantized,
-        )
-    source = str(checkpoint.folder)
-    check_weights(model, checkpoint.weights, source)
+def build_model(checkpoint: Checkpoint, dtype: mx.Dtype, quantized: str = "auto") -> nn.Module:
+    """Instantiate the encoder, rebuild quantized layers, and load the weights in ``dtype``.
+
+    ``quantized`` says which quantized layers stay quantized (see :func:`modules_to_dequantize`).
+    """
+    check_quantized_choice(quantized)
+    model = model_skeleton(checkpoint)
+    check_weights(model, checkpoint.weights, str(checkpoint.folder))
     weights = {
         name: value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
         for name, value in checkpoint.weights.items()
     }
     model.load_weights(list(weights.items()), strict=True)
+    del weights
+    dequantize_modules(model, modules_to_dequantize(model, quantized), dtype)
     model.eval()
     mx.eval(model.parameters())
     return model
 
 
+def release_memory() -> None:
+    """Give freed memory back to the system: MLX's buffer cache, and glibc's free heap on Linux.
+
+    Dropped MLX arrays go to MLX's cache, and small freed blocks (the tokenizer's JSON, for
+    one) stay in the C heap; both still count in the process's resident memory until then.
+    """
+    mx.clear_cache()
+    if sys.platform.startswith("linux"):
+        malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+        if malloc_trim is not None:
+            malloc_trim(0)
+
+
+def embedder_from_checkpoint(checkpoint: Checkpoint, dtype: mx.Dtype, quantized: str = "auto"):
+    """Build an :class:`~kalm_mlx.Embedder` (model and tokenizer) from a checkpoint read in memory."""
+    from .embedder import Embedder, load_tokenizer
+
+    model = build_model(checkpoint, dtype, quantized)
+    tokenizer = load_tokenizer(checkpoint.tokenizer_path, int(checkpoint.meta["max_tokens"]))
+    return Embedder(model, tokenizer, checkpoint.meta, dtype)
+
+
 # --- the public entry point ---------------------------------------------------------------
 
 
-def load(name_or_path: str | Path, dtype: str | None = None):
+def load(name_or_path: str | Path, dtype: str | None = None, quantized: str = "auto"):
     """Load an embedding model and return an :class:`~kalm_mlx.Embedder`.
 
     ``name_or_path`` is a converted folder, a raw Hugging Face folder, a registry
-    name or alias (``kalm-v2``, ``minilm``...) or a hub id. ``dtype`` is the compute
-    dtype (float32, float16, bfloat16); by default float16 on a GPU and float32 on the CPU.
+    name or alias (``kalm-v2``, ``minilm``, ``kalm-v2-q8``...) or a hub id; a registry
+    model is converted into ``~/.cache/kalm-mlx`` on first use (see :mod:`kalm_mlx.hub`).
+    ``dtype`` is the compute dtype (float32, float16, bfloat16); by default float16 on a
+    GPU and float32 on the CPU.
+
+    ``quantized`` matters for folders converted with ``--quantize``: ``keep`` keeps every
+    quantized layer (least memory), ``dequantize`` turns them all into ``dtype`` layers
+    (fastest on the CPU), and ``auto`` keeps them all on a GPU but, on the CPU, dequantizes
+    the Linear layers and keeps the embedding table quantized: MLX's CPU quantized matmul
+    is ~50x slower than float32, an embedding lookup is not.
     """
-    from .embedder import Embedder, load_tokenizer
     from .hub import resolve
 
     compute_dtype = resolve_dtype(dtype)
-    folder, entry = resolve(name_or_path)
+    check_quantized_choice(quantized)
+    folder, entry = resolve(name_or_path, convert_missing=True)
     checkpoint = read_checkpoint(folder, entry)
-    model = build_model(checkpoint, compute_dtype)
-    tokenizer = load_tokenizer(checkpoint.tokenizer_path, int(checkpoint.meta["max_tokens"]))
-    return Embedder(model, tokenizer, checkpoint.meta, compute_dtype)
+    embedder = embedder_from_checkpoint(checkpoint, compute_dtype, quantized)
+    # The tensors that were cast or dequantized are garbage now; hand their memory back.
+    del checkpoint
+    release_memory()
+    return embedder

@@ -416,19 +416,26 @@ def resolve_dtype(dtype: str | None) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def build_model(checkpoint: Checkpoint, dtype: mx.Dtype, quantized: str = "auto") -> nn.Module:
+def build_model(checkpoint: Checkpoint, dtype: mx.Dtype, quantized: str = "auto",
+                consume: bool = False) -> nn.Module:
     """Instantiate the encoder, rebuild quantized layers, and load the weights in ``dtype``.
 
     ``quantized`` says which quantized layers stay quantized (see :func:`modules_to_dequantize`).
+    ``consume`` empties ``checkpoint.weights`` as each tensor is cast, so that a float16
+    folder loaded in float32 never holds both copies at once (peak ~1x, not ~1.5x).
     """
     check_quantized_choice(quantized)
     model = model_skeleton(checkpoint)
     check_weights(model, checkpoint.weights, str(checkpoint.folder))
-    weights = {
-        name: value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
-        for name, value in checkpoint.weights.items()
-    }
-    model.load_weights(list(weights.items()), strict=True)
+    source = checkpoint.weights if consume else dict(checkpoint.weights)
+    weights = []
+    for name in list(source):
+        value = source.pop(name)
+        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
+            value = value.astype(dtype)
+            mx.eval(value)  # one tensor at a time: its source can be freed right away
+        weights.append((name, value))
+    model.load_weights(weights, strict=True)
     del weights
     dequantize_modules(model, modules_to_dequantize(model, quantized), dtype)
     model.eval()
@@ -449,11 +456,12 @@ def release_memory() -> None:
             malloc_trim(0)
 
 
-def embedder_from_checkpoint(checkpoint: Checkpoint, dtype: mx.Dtype, quantized: str = "auto"):
+def embedder_from_checkpoint(checkpoint: Checkpoint, dtype: mx.Dtype, quantized: str = "auto",
+                             consume: bool = False):
     """Build an :class:`~kalm_mlx.Embedder` (model and tokenizer) from a checkpoint read in memory."""
     from .embedder import Embedder, load_tokenizer
 
-    model = build_model(checkpoint, dtype, quantized)
+    model = build_model(checkpoint, dtype, quantized, consume=consume)
     tokenizer = load_tokenizer(checkpoint.tokenizer_path, int(checkpoint.meta["max_tokens"]))
     return Embedder(model, tokenizer, checkpoint.meta, dtype)
 
@@ -482,7 +490,7 @@ def load(name_or_path: str | Path, dtype: str | None = None, quantized: str = "a
     check_quantized_choice(quantized)
     folder, entry = resolve(name_or_path, convert_missing=True)
     checkpoint = read_checkpoint(folder, entry)
-    embedder = embedder_from_checkpoint(checkpoint, compute_dtype, quantized)
+    embedder = embedder_from_checkpoint(checkpoint, compute_dtype, quantized, consume=True)
     # The tensors that were cast or dequantized are garbage now; hand their memory back.
     del checkpoint
     release_memory()

@@ -190,3 +190,26 @@ def test_python_dash_m(hf_folder, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["kalm_mlx"]["dtype"] == "float16"
+
+
+def test_loading_float16_in_float32_never_holds_both_copies(tmp_path):
+    make_qwen2_checkpoint(tmp_path, hidden=512, heads=8, kv_heads=2, intermediate=1024,
+                          layers=4, torch_dtype="float16", seed=7)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    model = kalm_mlx.load(tmp_path, dtype="float32")
+    # Cast tensor by tensor, freeing each float16 source: the peak stays near the float32
+    # weights (casting everything first would peak at 1.5x).
+    assert mx.get_peak_memory() <= 1.15 * model.nbytes
+
+
+def test_build_model_leaves_the_checkpoint_alone_unless_told(tmp_path):
+    from kalm_mlx.loading import build_model, read_checkpoint
+
+    make_qwen2_checkpoint(tmp_path, hidden=128, heads=2, kv_heads=1, intermediate=256, seed=8)
+    checkpoint = read_checkpoint(tmp_path)
+    count = len(checkpoint.weights)
+    build_model(checkpoint, mx.float16)
+    assert len(checkpoint.weights) == count
+    build_model(checkpoint, mx.float16, consume=True)
+    assert checkpoint.weights == {}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
+import shutil
 import sys
 
 # Debian/Ubuntu paths first (package libopenblas0-pthread), then what the
@@ -59,3 +61,14 @@ def load_fast_blas() -> str | None:
 
 
 load_fast_blas()
+
+
+@functools.cache
+def cpu_compiler_available() -> bool:
+    """True when MLX can build compiled kernels for the CPU backend.
+
+    ``mx.compile`` on the CPU backend writes C++ and builds it with ``g++`` at run time;
+    without one on PATH the process exits with no Python exception. The encoders' CPU
+    fast paths are compiled, so they are used only when this is True.
+    """
+    return shutil.which("g++") is not None

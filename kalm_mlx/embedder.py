@@ -17,6 +17,17 @@ from .pooling import normalize as l2_normalize
 from .pooling import pool, truncate
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
+"""Padded tokens per batch on a GPU, which wants large batches (not measured on a Mac yet)."""
+CPU_MAX_BATCH_TOKENS = 1024
+"""Padded tokens per batch on the CPU: as fast per token as larger batches (OpenBLAS is at
+full rate from about 512 rows on), friendlier to the caches, and a long-tailed corpus
+sorted by length wastes far less on padding (16 % against 134 % at 16384 in the
+benchmarks' mixed corpus, which runs 2.9x faster)."""
+
+
+def default_max_batch_tokens() -> int:
+    """The padded-token budget of a batch on the default device (see the constants above)."""
+    return DEFAULT_MAX_BATCH_TOKENS if mx.default_device() == mx.gpu else CPU_MAX_BATCH_TOKENS
 
 
 class TruncationWarning(UserWarning):
@@ -105,7 +116,7 @@ class Embedder:
         self.tokenizer = tokenizer
         self.meta = meta
         self.dtype = dtype
-        self.max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS
+        self.max_batch_tokens = default_max_batch_tokens()
         self.truncated_texts = 0
         """How many texts were cut to ``max_tokens`` since loading (a running count)."""
         self._lock = threading.Lock()

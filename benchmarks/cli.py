@@ -1,0 +1,63 @@
+"""Command line of the benchmarks.
+
+    python -m benchmarks            # full run, ~13 minutes on a quiet 2-core x86; writes benchmarks/results/
+    python -m benchmarks --quick    # a few minutes; writes benchmarks/results/tmp/ (not committed)
+
+By default the model is a random checkpoint of KaLM-Embedding-V2's shape, generated on
+first use and cached in ``$KALM_MLX_BENCH_CACHE`` or ``~/.cache/kalm-mlx-bench``
+(see :mod:`benchmarks.checkpoint`); ``--model`` takes any Qwen2 encoder folder instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m benchmarks``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="kalm-mlx against sentence-transformers/torch on the same weights and token ids.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and texts (a few minutes); results go to benchmarks/results/tmp")
+    parser.add_argument("--model", type=Path,
+                        help="a Qwen2 encoder folder (default: the cached random KaLM-V2-shaped checkpoint)")
+    parser.add_argument("--out", type=Path, help="where results.json, results.md and the plots go")
+    parser.add_argument("--no-torch", action="store_true", help="measure kalm-mlx alone")
+    parser.add_argument("--no-quantized", action="store_true", help="skip the q8 and q4 variants")
+    parser.add_argument("--cache", type=Path, help="checkpoint cache folder (default: $KALM_MLX_BENCH_CACHE "
+                                                   "or ~/.cache/kalm-mlx-bench)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks and write the report; return the exit status."""
+    args = build_parser().parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import checkpoint, report
+    from benchmarks.run import Progress, Settings, run_benchmarks
+
+    progress = Progress()
+    settings = Settings.quick() if args.quick else Settings.full()
+    if args.model is not None:
+        if not (args.model / "config.json").exists():
+            print(f"error: {args.model} has no config.json", file=sys.stderr)
+            return 2
+        folder = args.model
+    else:
+        progress("KaLM-V2-shaped random checkpoint (generated on first use, ~1 GB)")
+        folder = checkpoint.kalm_shaped_checkpoint(args.cache)
+    progress(f"model: {folder}; mode: {settings.mode}")
+    results = run_benchmarks(settings, folder, with_torch=not args.no_torch,
+                             with_quantized=not args.no_quantized, progress=progress)
+    out = args.out or (RESULTS / "tmp" if args.quick else RESULTS)
+    for path in report.write(results, out):
+        progress(f"wrote {path}")
+    print(report.markdown(results))
+    return 0

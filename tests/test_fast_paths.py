@@ -1,0 +1,133 @@
+"""The CPU fast paths of the Qwen2 encoder compute what the plain formulas compute."""
+
+from __future__ import annotations
+
+import kalm_mlx
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kalm_mlx.embedder import CPU_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TOKENS, default_max_batch_tokens
+from kalm_mlx.models.qwen2 import MASKED_SCORE, cpu_attention, exp2_nonpositive, rope_tables, swiglu
+
+
+def exact_swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    g = gate.astype(np.float64)
+    with np.errstate(over="ignore"):
+        return g / (1 + np.exp(-g)) * up.astype(np.float64)
+
+
+def test_swiglu_matches_silu_on_a_dense_grid():
+    gate = np.linspace(-60, 60, 400_001, dtype=np.float32)
+    up = np.random.default_rng(0).normal(size=gate.size).astype(np.float32)
+    got = np.array(swiglu(mx.array(gate), mx.array(up)))
+    error = np.abs(got - exact_swiglu(gate, up))
+    assert got.dtype == np.float32
+    # float32 rounding of g * u alone is ~6e-8 of it; the approximation adds ~1.5e-7.
+    assert (error / (np.maximum(np.abs(gate), 1) * np.abs(up))).max() <= 2.5e-7
+
+
+def test_swiglu_saturates_for_large_inputs():
+    gate = np.array([25.0, 1e4, 3e38, -25.0, -1e4, -3e38], dtype=np.float32)
+    up = np.full(gate.shape, 0.5, dtype=np.float32)
+    got = np.array(swiglu(mx.array(gate), mx.array(up))).astype(np.float64)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got[:3], gate[:3] * 0.5, rtol=1e-6)
+    assert np.all(np.abs(got[3:]) <= 2.5e-7 * np.abs(gate[3:]) * 0.5)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_swiglu_half_precision_stays_finite(dtype):
+    gate = mx.array(np.linspace(-60000, 60000, 10_001, dtype=np.float32)).astype(dtype)
+    up = mx.ones(gate.shape, dtype=dtype)
+    got = swiglu(gate, up)
+    assert got.dtype == dtype
+    values = np.array(got.astype(mx.float32)).astype(np.float64)
+    expected = exact_swiglu(np.array(gate.astype(mx.float32)), np.ones(gate.shape))
+    assert np.all(np.isfinite(values))
+    assert (np.abs(values - expected) / np.maximum(np.abs(expected), 1)).max() <= 1e-2
+
+
+def test_swiglu_propagates_nan():
+    got = np.array(swiglu(mx.array([np.nan, 1.0]), mx.array([1.0, np.nan])))
+    assert np.isnan(got).all()
+
+
+def test_cpu_batches_are_small(small_model):
+    previous = mx.default_device()
+    try:
+        mx.set_default_device(mx.cpu)
+        assert default_max_batch_tokens() == CPU_MAX_BATCH_TOKENS < DEFAULT_MAX_BATCH_TOKENS
+    finally:
+        mx.set_default_device(previous)
+    if previous == mx.cpu:
+        assert small_model.max_batch_tokens == CPU_MAX_BATCH_TOKENS
+
+
+def test_exp2_matches_numpy_and_flushes_tiny_values_to_zero():
+    x = np.concatenate([np.linspace(-70, 0, 700_001), [-1e9, -2.0**30]]).astype(np.float32)
+    got = np.array(exp2_nonpositive(mx.array(x))).astype(np.float64)
+    expected = np.exp2(x.astype(np.float64))
+    normal = x >= -59
+    assert (np.abs(got - expected) / expected)[normal].max() <= 2e-7
+    assert np.all(got[x < -61] == 0)
+    assert np.isnan(np.array(exp2_nonpositive(mx.array([np.nan, -1.0], dtype=mx.float32)))[0])
+
+
+@pytest.mark.parametrize("heads,kv_heads,length", [(14, 2, 37), (4, 4, 8), (2, 1, 1)])
+def test_cpu_attention_matches_sdpa(heads, kv_heads, length):
+    rng = np.random.default_rng(heads + length)
+    batch, dim = 3, 64
+    queries = mx.array(rng.normal(size=(batch, heads, length, dim)).astype(np.float32) * 2)
+    keys = mx.array(rng.normal(size=(batch, kv_heads, length, dim)).astype(np.float32) * 2)
+    values = mx.array(rng.normal(size=(batch, kv_heads, length, dim)).astype(np.float32))
+    keep = np.ones((batch, 1, 1, length), dtype=bool)
+    keep[1, ..., (length + 1) // 2:] = False
+    mask = mx.where(mx.array(keep), 0.0, MASKED_SCORE)
+    scale = dim**-0.5
+    for key_mask in (mask, None):
+        got = np.array(cpu_attention(queries, keys, values, scale, key_mask))
+        expected = np.array(mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale,
+                                                                  mask=key_mask))
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 2e-5
+
+
+def test_rope_tables_match_transformers():
+    import torch
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    config = Qwen2Config(hidden_size=896, num_attention_heads=14, rope_theta=1_000_000.0)
+    cos, sin = Qwen2RotaryEmbedding(config)(torch.zeros(1), torch.arange(512)[None])
+    my_cos, my_sin = (np.array(t) for t in rope_tables(512, 64, 1_000_000.0))
+    # Within an ulp of transformers; the sin table carries rotate_half's sign.
+    np.testing.assert_allclose(my_cos.reshape(512, 64), cos[0].numpy(), rtol=0, atol=1.2e-7)
+    np.testing.assert_allclose(my_sin[:, 0], -sin[0, :, :32].numpy(), rtol=0, atol=1.2e-7)
+    np.testing.assert_allclose(my_sin[:, 1], sin[0, :, 32:].numpy(), rtol=0, atol=1.2e-7)
+
+
+def test_runs_without_a_compiler(qwen2_gqa2, tmp_path):
+    """With no g++ on PATH (mx.compile on the CPU would exit the process), the plain paths run."""
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    folder, _ = qwen2_gqa2
+    script = (
+        "import sys, numpy as np, kalm_mlx\n"
+        "from kalm_mlx._backend import cpu_compiler_available\n"
+        "assert not cpu_compiler_available()\n"
+        f"np.save(sys.argv[1], kalm_mlx.load({str(folder)!r}).encode(['Hello world', 'a b c d e f']))\n"
+    )
+    out = tmp_path / "vectors.npy"
+    env = {**os.environ, "PATH": str(bin_dir)}
+    result = subprocess.run([str(bin_dir / "python3"), "-c", script, str(out)], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=os.getcwd())
+    assert result.returncode == 0, result.stderr
+    plain = np.load(out)
+    fast = kalm_mlx.load(folder).encode(["Hello world", "a b c d e f"])
+    assert np.abs(plain - fast).max() <= 1e-5

@@ -74,17 +74,26 @@ def make_qwen2_checkpoint(
     return model.float()
 
 
+def pad_batch(token_ids: list[list[int]], mask_dtype=None):
+    """Right-pad token id lists into torch (ids, attention mask) tensors of shape (B, L)."""
+    import torch
+
+    longest = max(len(seq) for seq in token_ids)
+    ids = torch.zeros((len(token_ids), longest), dtype=torch.long)
+    mask = torch.zeros((len(token_ids), longest), dtype=mask_dtype or torch.long)
+    for row, seq in enumerate(token_ids):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
 def torch_qwen2_embed(model, token_ids: list[list[int]], normalize: bool = True) -> np.ndarray:
     """Bidirectional reference: Qwen2Model with a 4-D additive padding mask, then mean pooling."""
     import torch
 
-    longest = max(len(ids) for ids in token_ids)
-    ids = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    mask = torch.zeros((len(token_ids), longest), dtype=torch.float32)
-    for row, seq in enumerate(token_ids):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = pad_batch(token_ids, mask_dtype=torch.float32)
     min_value = torch.finfo(torch.float32).min
+    longest = ids.shape[1]
     additive = ((1.0 - mask)[:, None, None, :] * min_value).expand(-1, 1, longest, longest)
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=additive).last_hidden_state

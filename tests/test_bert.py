@@ -14,7 +14,7 @@ import pytest
 import kalm_mlx
 from kalm_mlx.loading import read_safetensors
 from kalm_mlx.models.bert import Model, ModelArgs, additive_key_mask, default_max_tokens
-from tests.helpers import TEXTS
+from tests.helpers import TEXTS, pad_batch
 
 LONG_TEXT = "Sentence embeddings compress a whole passage into one vector. " * 30
 BERT_TEXTS = [*TEXTS, LONG_TEXT]
@@ -109,12 +109,7 @@ def torch_bert_embed(model, token_ids: list[list[int]], pooling: str) -> np.ndar
     """Reference: transformers' BertModel on a right-padded batch, then CLS or mean pooling, L2-normalised."""
     import torch
 
-    longest = max(len(ids) for ids in token_ids)
-    ids = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    for row, seq in enumerate(token_ids):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = pad_batch(token_ids)
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
     if pooling == "cls":

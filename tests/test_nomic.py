@@ -40,7 +40,7 @@ import pytest
 import kalm_mlx
 from kalm_mlx.loading import read_safetensors
 from kalm_mlx.models.nomic_bert import Model, ModelArgs, default_max_tokens
-from tests.helpers import TEXTS
+from tests.helpers import TEXTS, pad_batch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -225,12 +225,7 @@ def reference_embed(state: dict, config: dict, token_ids: list[list[int]]) -> np
     """Right-pad, run the reference, mean-pool over real tokens, L2-normalise."""
     import torch
 
-    longest = max(len(seq) for seq in token_ids)
-    ids = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    for row, seq in enumerate(token_ids):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = pad_batch(token_ids)
     with torch.no_grad():
         hidden = reference_hidden(state, config, ids, mask)
     weights = mask[..., None].float()
@@ -338,12 +333,7 @@ def test_parity_with_transformers_nomic_bert(tmp_path):
     model = kalm_mlx.load(tmp_path, dtype="float32")
     got = model.encode(TEXTS, batch_size=len(TEXTS))
     token_ids = model.tokenize(TEXTS)
-    longest = max(len(seq) for seq in token_ids)
-    ids = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    for row, seq in enumerate(token_ids):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = pad_batch(token_ids)
     with torch.no_grad():
         hidden = reference(input_ids=ids, attention_mask=mask).last_hidden_state
     pooled = ((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()

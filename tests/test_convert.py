@@ -167,10 +167,7 @@ def test_output_inside_source_is_refused(hf_folder, tmp_path):
         convert(src, src / "out")
 
 
-def test_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+def test_hub_id_offline_fails_clearly(offline_env, tmp_path):
     with pytest.raises(FileNotFoundError, match="someone/missing-model"):
         convert("someone/missing-model", tmp_path / "out")
     assert not (tmp_path / "out").exists()

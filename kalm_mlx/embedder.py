@@ -52,16 +52,16 @@ def load_tokenizer(path: Path, max_tokens: int) -> Tokenizer:
     return tokenizer
 
 
-def _as_text_list(texts: str | Sequence[str]) -> tuple[list[str], bool]:
+def _as_text_list(texts: str | Sequence[str]) -> list[str]:
     if isinstance(texts, str):
-        return [texts], True
+        return [texts]
     if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (Sequence, np.ndarray)):
         raise TypeError(f"texts must be a string or a sequence of strings, not {type(texts).__name__}")
     out = list(texts)
     for i, text in enumerate(out):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
-    return out, False
+    return out
 
 
 def _replace_lone_surrogates(texts: list[str]) -> list[str]:
@@ -200,7 +200,7 @@ class Embedder:
         empty list a (0, dim) one. ``truncate_dim`` keeps the first dims (Matryoshka),
         then renormalises; dims the model was not trained for need ``allow_untrained_dim``.
         """
-        text_list, _ = _as_text_list(texts)
+        text_list = _as_text_list(texts)
         prefix = self._resolve_prompt(prompt, prompt_name)
         dim = self._check_truncate_dim(truncate_dim, allow_untrained_dim)
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -227,7 +227,7 @@ class Embedder:
 
     def tokenize(self, texts: str | Sequence[str]) -> list[list[int]]:
         """Token ids exactly as :meth:`encode` feeds them to the model (truncated, no padding)."""
-        text_list, _ = _as_text_list(texts)
+        text_list = _as_text_list(texts)
         return self._tokenize(text_list) if text_list else []
 
     # --- internals -----------------------------------------------------------------------

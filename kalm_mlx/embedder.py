@@ -52,7 +52,11 @@ def load_tokenizer(path: Path, max_tokens: int) -> Tokenizer:
     return tokenizer
 
 
-def _as_text_list(texts: str | Sequence[str]) -> list[str]:
+def as_text_list(texts: str | Sequence[str]) -> list[str]:
+    """Return ``texts`` as a list of strings (a single string becomes a one-item list).
+
+    Raises TypeError naming the first item that is not a string.
+    """
     if isinstance(texts, str):
         return [texts]
     if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (Sequence, np.ndarray)):
@@ -200,7 +204,7 @@ class Embedder:
         empty list a (0, dim) one. ``truncate_dim`` keeps the first dims (Matryoshka),
         then renormalises; dims the model was not trained for need ``allow_untrained_dim``.
         """
-        text_list = _as_text_list(texts)
+        text_list = as_text_list(texts)
         prefix = self._resolve_prompt(prompt, prompt_name)
         dim = self._check_truncate_dim(truncate_dim, allow_untrained_dim)
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -227,7 +231,7 @@ class Embedder:
 
     def tokenize(self, texts: str | Sequence[str]) -> list[list[int]]:
         """Token ids exactly as :meth:`encode` feeds them to the model (truncated, no padding)."""
-        text_list = _as_text_list(texts)
+        text_list = as_text_list(texts)
         return self._tokenize(text_list) if text_list else []
 
     # --- internals -----------------------------------------------------------------------

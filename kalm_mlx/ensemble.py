@@ -28,7 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .embedder import _as_text_list
+from .embedder import as_text_list
 from .hub import converted_folder, split_variant
 from .loading import load
 from .registry import ModelEntry, find_model, list_models
@@ -654,7 +654,7 @@ class Ensemble:
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-        _as_text_list(texts)  # a TypeError now, before any model loads
+        as_text_list(texts)  # a TypeError now, before any model loads
         names = self._select(models)
         vectors, timings = {}, {}
         remaining = list(names)

@@ -170,3 +170,12 @@ def test_truncate_dim_with_nomic_layer_norm(small_model):
     plain = small_model.encode(TEXTS, truncate_dim=64, allow_untrained_dim=True)
     assert np.abs(plain - expected).max() > 1e-3
     assert np.array_equal(model.encode(TEXTS), small_model.encode(TEXTS))
+
+
+def test_as_text_list():
+    from kalm_mlx.embedder import as_text_list
+
+    assert as_text_list("one") == ["one"]
+    assert as_text_list(("a", "b")) == ["a", "b"]
+    with pytest.raises(TypeError, match=r"texts\[1\] is int"):
+        as_text_list(["a", 1])

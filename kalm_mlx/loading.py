@@ -8,15 +8,14 @@ whose config.json carries a ``kalm_mlx`` section. Both are read into the same
 
 from __future__ import annotations
 
-import ctypes
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ._backend import trim_malloc
 from .models import family_module, family_of
 from .models.base import check_weights
 from .pooling import POOLING_METHODS
@@ -449,10 +448,7 @@ def release_memory() -> None:
     one) stay in the C heap; both still count in the process's resident memory until then.
     """
     mx.clear_cache()
-    if sys.platform.startswith("linux"):
-        malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
-        if malloc_trim is not None:
-            malloc_trim(0)
+    trim_malloc()
 
 
 def embedder_from_checkpoint(checkpoint: Checkpoint, dtype: mx.Dtype, quantized: str = "auto",

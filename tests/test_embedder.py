@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import kalm_mlx
-from kalm_mlx.embedder import plan_batches
+from kalm_mlx import _backend, embedder
+from kalm_mlx.embedder import plan_batches, split_evenly
 from kalm_mlx.registry import KALM_DEFAULT_INSTRUCTION, KALM_QUERY_TEMPLATE
 from tests.helpers import TEXTS, torch_qwen2_embed
 
@@ -100,6 +101,55 @@ def test_plan_batches_longest_first_within_bounds():
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 100
     assert plan_batches([500], batch_size=8, max_batch_tokens=100) == [[0]]
     assert plan_batches([], batch_size=8, max_batch_tokens=100) == []
+
+
+@pytest.mark.parametrize("streams", [2, 3])
+def test_parallel_streams_give_the_single_stream_vectors(qwen2_gqa2, streams):
+    model = kalm_mlx.load(qwen2_gqa2[0])
+    model.parallel_streams = 1
+    texts = TEXTS + [text.upper() for text in TEXTS[:3]]  # 9 texts of uneven lengths
+    single = model.encode(texts)
+    model.parallel_streams = streams
+    # Halves of a batch are padded to their own longest text: equal up to rounding.
+    assert np.abs(model.encode(texts) - single).max() <= 1e-5
+    assert np.abs(model.encode(texts, batch_size=4) - single).max() <= 1e-5
+    assert np.abs(model.encode(texts[:1]) - single[:1]).max() <= 1e-5
+
+
+@pytest.mark.skipif(_backend.blas_thread_budget() is None, reason="needs OpenBLAS")
+def test_blas_threads_are_shared_out_between_streams(qwen2_gqa2):
+    model = kalm_mlx.load(qwen2_gqa2[0])
+    budget = _backend.blas_thread_budget()
+    model.parallel_streams = 2
+    try:
+        model.encode(TEXTS[:2])
+        assert _backend.blas_threads() == max(1, budget // 2)
+        model.encode(TEXTS[:1])  # a lone text gets every thread
+        assert _backend.blas_threads() == budget
+    finally:
+        _backend.set_blas_threads(budget)
+
+
+def test_default_parallel_streams(monkeypatch):
+    for budget, expected in ((None, 1), (1, 1), (2, 2), (16, 2)):
+        monkeypatch.setattr(embedder, "blas_thread_budget", lambda budget=budget: budget)
+        assert embedder.default_parallel_streams() == expected
+
+
+def test_split_evenly():
+    assert split_evenly(5, 2) == [range(0, 3), range(3, 5)]
+    assert split_evenly(6, 3) == [range(0, 2), range(2, 4), range(4, 6)]
+    assert split_evenly(1, 1) == [range(0, 1)]
+    for bad in ((3, 0), (2, 3)):
+        with pytest.raises(ValueError, match="cannot split"):
+            split_evenly(*bad)
+
+
+def test_shared_cpu_streams_are_reused():
+    first = embedder.shared_cpu_streams(2)
+    assert len(first) == 2 and first[0] != first[1]
+    assert embedder.shared_cpu_streams(2) == first
+    assert embedder.shared_cpu_streams(1) == first[:1]
 
 
 def test_truncation_is_counted(small_model):

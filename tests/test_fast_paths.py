@@ -7,7 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kalm_mlx.embedder import CPU_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TOKENS, default_max_batch_tokens
+from kalm_mlx.embedder import (CPU_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TOKENS, default_max_batch_tokens,
+                               default_parallel_streams)
 from kalm_mlx.models.qwen2 import MASKED_SCORE, cpu_attention, exp2_nonpositive, rope_tables, swiglu
 
 
@@ -57,11 +58,13 @@ def test_cpu_batches_are_small(small_model):
     previous = mx.default_device()
     try:
         mx.set_default_device(mx.cpu)
-        assert default_max_batch_tokens() == CPU_MAX_BATCH_TOKENS < DEFAULT_MAX_BATCH_TOKENS
+        streams = default_parallel_streams()
+        assert streams in (1, 2)
+        assert default_max_batch_tokens() == CPU_MAX_BATCH_TOKENS * streams < DEFAULT_MAX_BATCH_TOKENS
     finally:
         mx.set_default_device(previous)
     if previous == mx.cpu:
-        assert small_model.max_batch_tokens == CPU_MAX_BATCH_TOKENS
+        assert small_model.max_batch_tokens == CPU_MAX_BATCH_TOKENS * small_model.parallel_streams
 
 
 def test_exp2_matches_numpy_and_flushes_tiny_values_to_zero():

@@ -25,12 +25,11 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 from .embedder import as_text_list
 from .hub import converted_folder, split_variant
-from .loading import load
+from .loading import load, release_memory
 from .registry import ModelEntry, find_model, list_models
 
 DEFAULT_MODELS = "bge-base"
@@ -514,7 +513,7 @@ class Ensemble:
             return
         victims.clear()
         with self._mlx_lock:
-            mx.clear_cache()
+            release_memory()
 
     def _acquire(self, name: str) -> tuple[object, float]:
         """Return (embedder, seconds spent loading it, 0.0 when it was loaded) with the model

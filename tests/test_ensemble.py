@@ -307,14 +307,17 @@ def test_a_model_larger_than_the_budget_is_served_alone_and_released(home):
     assert list(ens.loaded) == [SMALL]
 
 
-def test_eviction_returns_the_memory(home):
+def test_eviction_returns_the_memory(home, monkeypatch):
     ens = Ensemble([LARGE])
     ens.encode(TEXTS)
     active = mx.get_active_memory()
+    trims = []
+    monkeypatch.setattr(kalm_mlx.loading, "trim_malloc", lambda: trims.append(1) or True)
     assert ens.unload() == [LARGE]
     assert ens.loaded == {}
     assert active - mx.get_active_memory() >= home[LARGE]
     assert mx.get_cache_memory() == 0
+    assert trims == [1]  # the C heap's free pages go back too (glibc keeps them otherwise)
 
 
 def test_a_failed_load_raises_for_every_caller_and_can_be_retried(tmp_path):

@@ -57,7 +57,9 @@ def shared_cpu_streams(count: int) -> list:
     """``count`` CPU streams shared by every embedder, made on first use.
 
     Thread-local streams: MLX ties a stream to the thread that made it, and each
-    thread that encodes gets its own streams behind these handles.
+    thread that encodes gets its own streams behind these handles. MLX keeps a stream
+    (and its worker thread) for the life of the process, as it does each thread's default
+    stream, so encode from long-lived threads (a pool), not a new thread per call.
     """
     with _shared_streams_lock:
         while len(_shared_streams) < count:

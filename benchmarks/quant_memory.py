@@ -30,6 +30,7 @@ import kalm_mlx  # noqa: E402  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 
 from benchmarks.checkpoint import bench_cache_dir, kalm_shaped_checkpoint  # noqa: E402
+from benchmarks.runtimes import peak_rss_bytes  # noqa: E402
 
 # (row label, folder name, load dtype, quantized mode)
 ROWS = [
@@ -71,12 +72,7 @@ def _reset_rss_peak() -> bool:
 
 def _rss_peak() -> int:
     peak = _proc_status("VmHWM")
-    if peak >= 0:
-        return peak
-    import resource
-
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * 1024
+    return peak if peak >= 0 else peak_rss_bytes()
 
 
 def measure(folder: Path, dtype: str, quantized: str, texts: int, words: int) -> dict:

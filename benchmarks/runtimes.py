@@ -105,16 +105,22 @@ class MLXRuntime:
 
 
 def openblas_details(path: str | None) -> dict:
-    """OpenBLAS's build string and thread count, when ``path`` is an OpenBLAS already loaded."""
+    """OpenBLAS's build string and thread count, when ``path`` is an OpenBLAS already loaded.
+
+    The count is kalm-mlx's budget (:func:`kalm_mlx._backend.blas_thread_budget`): the
+    current setting changes per batch while two streams share the threads out.
+    """
     if not path:
         return {}
     import ctypes
+
+    from kalm_mlx._backend import blas_thread_budget
 
     try:
         lib = ctypes.CDLL(path)
         lib.openblas_get_config.restype = ctypes.c_char_p
         return {"blas_config": lib.openblas_get_config().decode(),
-                "blas_threads": int(lib.openblas_get_num_threads())}
+                "blas_threads": blas_thread_budget()}
     except (OSError, AttributeError):
         return {}
 

@@ -20,8 +20,10 @@ from kalm_mlx.loading import (
     Checkpoint,
     embedder_from_checkpoint,
     quantizable_modules,
+    release_memory,
     resolve_dtype,
 )
+from kalm_mlx.pooling import normalize
 
 QUANTIZE_BITS = {"q8": 8, "q4": 4}
 """``--quantize`` values and their bits per weight."""
@@ -108,12 +110,6 @@ def quantize_tensor(weight: mx.array, plan: QuantizationPlan,
     return packed, scales.astype(store), biases.astype(store)
 
 
-def _cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
-    reference = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-    other = other / np.linalg.norm(other, axis=1, keepdims=True)
-    return np.sum(reference * other, axis=1)
-
-
 def embedding_agreement(reference: Checkpoint, quantized: Checkpoint,
                         texts: tuple[str, ...] | list[str] = REPORT_TEXTS) -> dict:
     """Embed ``texts`` with both checkpoints and compare the vectors, text by text.
@@ -130,8 +126,8 @@ def embedding_agreement(reference: Checkpoint, quantized: Checkpoint,
     embedder = embedder_from_checkpoint(quantized, dtype)
     vectors = embedder.encode(list(texts))
     del embedder
-    mx.clear_cache()
-    cosines = _cosines(reference_vectors, vectors)
+    release_memory()
+    cosines = np.sum(normalize(reference_vectors) * normalize(vectors), axis=1)
     worst = int(np.argmin(cosines))
     return {
         "texts": len(texts),

@@ -161,10 +161,10 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     2.2e-7 * max(|gate|, 1) * |up| of the exact value (the exp-based form: 1.2e-7).
     On a GPU, the exact form, compiled; on a CPU without a compiler, the exact form.
     """
+    if fast_cpu_paths():
+        return _swiglu_rational(gate, up)
     if mx.default_device() == mx.gpu:
         return _swiglu_exact(gate, up)
-    if cpu_compiler_available():
-        return _swiglu_rational(gate, up)
     return nn.silu(gate) * up
 
 

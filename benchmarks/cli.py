@@ -2,6 +2,7 @@
 
     python -m benchmarks            # full run, ~13 minutes on a quiet 2-core x86; writes benchmarks/results/
     python -m benchmarks --quick    # a few minutes; writes benchmarks/results/tmp/ (not committed)
+    python -m benchmarks serve ...  # the HTTP server under load: see :mod:`benchmarks.serve`
 
 By default the model is a random checkpoint of KaLM-Embedding-V2's shape, generated on
 first use and cached in ``$KALM_MLX_BENCH_CACHE`` or ``~/.cache/kalm-mlx-bench``
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks and write the report; return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from benchmarks.serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from benchmarks import checkpoint, report

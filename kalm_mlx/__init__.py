@@ -1,6 +1,7 @@
 """kalm-mlx: text embeddings on Apple Silicon with MLX, KaLM-Embedding-V2 first."""
 
 from . import _backend  # noqa: F401  (must run before mlx.core is imported)
+from ._backend import SlowBlasWarning
 from .embedder import EmptyTextWarning, Embedder, TruncationWarning
 from .ensemble import Ensemble
 from .loading import load
@@ -11,6 +12,7 @@ __all__ = [
     "EmptyTextWarning",
     "Ensemble",
     "ModelEntry",
+    "SlowBlasWarning",
     "TruncationWarning",
     "list_models",
     "load",

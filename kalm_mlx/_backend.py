@@ -2,8 +2,10 @@
 
 On Linux the ``mlx[cpu]`` wheel links a slow reference BLAS. Loading an
 optimised OpenBLAS into the global symbol namespace first makes MLX's float32
-matmul resolve to it (about 40x faster on x86). Nothing happens on macOS, where
-MLX uses Accelerate and Metal.
+matmul resolve to it (about 40x faster on x86). When that cannot be done (no
+OpenBLAS installed, a failed load, or ``mlx.core`` imported first) and MLX computes
+on the CPU, a :class:`SlowBlasWarning` says so once, unless ``KALM_MLX_BLAS=none``.
+Nothing happens on macOS, where MLX uses Accelerate and Metal.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import os
 import shutil
 import sys
+import warnings
 
 # Debian/Ubuntu paths first (package libopenblas0-pthread), then what the
 # dynamic linker can find. KALM_MLX_BLAS names a library explicitly; set it to
@@ -25,44 +28,104 @@ _CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
 )
+BLAS_PACKAGE = "libopenblas0-pthread"
+"""The Debian/Ubuntu package that installs the OpenBLAS kalm-mlx looks for."""
+
+
+class SlowBlasWarning(UserWarning):
+    """MLX's CPU backend runs on its slow reference BLAS (Linux, no OpenBLAS loaded in time)."""
+
 
 blas_library: str | None = None
 """Path of the BLAS library loaded for MLX, or None when MLX uses its own."""
+blas_status: str = "not set up yet"
+"""One line on how MLX's BLAS was set up (what ``kalm-mlx info`` prints)."""
 _blas_handle: ctypes.CDLL | None = None
+_slow_blas_reason: str | None = None
 
 
 def _find_openblas() -> str | None:
-    explicit = os.environ.get("KALM_MLX_BLAS")
-    if explicit:
-        return None if explicit.lower() == "none" else explicit
     for path in _CANDIDATES:
         if os.path.exists(path):
             return path
-    found = ctypes.util.find_library("openblas")
-    return found
+    return ctypes.util.find_library("openblas")
 
 
 def load_fast_blas() -> str | None:
-    """Load OpenBLAS globally on Linux before MLX; return the path loaded, or None."""
-    global blas_library
-    if blas_library is not None or not sys.platform.startswith("linux"):
+    """Load OpenBLAS globally on Linux before MLX; return the path loaded, or None.
+
+    Records what happened in :data:`blas_status`. Without an optimised BLAS on
+    Linux (none found, a failed load, or ``mlx.core`` imported first) the reason is
+    kept for the :class:`SlowBlasWarning`; ``KALM_MLX_BLAS=none`` is a choice, not a problem.
+    """
+    global blas_library, blas_status, _blas_handle, _slow_blas_reason
+    if blas_library is not None:
         return blas_library
+    if not sys.platform.startswith("linux"):
+        blas_status = f"MLX's own ({sys.platform}: nothing to load)"
+        return None
+    explicit = os.environ.get("KALM_MLX_BLAS", "").strip()
+    if explicit.lower() == "none":
+        blas_status = "MLX's bundled reference BLAS (KALM_MLX_BLAS=none)"
+        _slow_blas_reason = None
+        return None
     if "mlx.core" in sys.modules:
         # Too late: MLX has already bound its BLAS symbols.
+        blas_status = "MLX's bundled reference BLAS (mlx.core was imported before kalm_mlx)"
+        _slow_blas_reason = (
+            "mlx.core was imported before kalm_mlx, too late to load OpenBLAS for it; "
+            "import kalm_mlx first"
+        )
         return None
-    path = _find_openblas()
+    path = explicit or _find_openblas()
     if path is None:
+        blas_status = "MLX's bundled reference BLAS (no OpenBLAS found)"
+        _slow_blas_reason = (
+            f"no OpenBLAS found; install it (Debian/Ubuntu: sudo apt-get install {BLAS_PACKAGE}) "
+            "or set KALM_MLX_BLAS to a libopenblas.so"
+        )
         return None
-    global _blas_handle
     try:
         _blas_handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    except OSError:
+    except OSError as err:
+        blas_status = f"MLX's bundled reference BLAS (could not load {path})"
+        named = " named by KALM_MLX_BLAS" if explicit else ""
+        _slow_blas_reason = (
+            f"could not load the BLAS{named} ({err}); install OpenBLAS "
+            f"(Debian/Ubuntu: sudo apt-get install {BLAS_PACKAGE}) or set KALM_MLX_BLAS to a "
+            "libopenblas.so that loads"
+        )
         return None
     blas_library = path
+    blas_status = f"{path}, loaded before mlx.core"
+    _slow_blas_reason = None
     return path
 
 
 load_fast_blas()
+
+import mlx.core as mx  # noqa: E402  (only once the BLAS above is in place)
+
+
+def _warn_if_slow_blas() -> bool:
+    """Warn (:class:`SlowBlasWarning`) when MLX's CPU backend has no optimised BLAS; True if warned.
+
+    Called once by ``import kalm_mlx``. Quiet on macOS, on a GPU, with OpenBLAS loaded
+    and with ``KALM_MLX_BLAS=none``.
+    """
+    if _slow_blas_reason is None or mx.default_device() != mx.cpu:
+        return False
+    warnings.warn(
+        f"MLX's CPU backend is running on its reference BLAS, which makes float32 matmul about "
+        f"40x slower: {_slow_blas_reason}. Set KALM_MLX_BLAS=none to keep MLX's BLAS without "
+        "this warning; `kalm-mlx info` shows what is loaded.",
+        SlowBlasWarning,
+        stacklevel=2,
+    )
+    return True
+
+
+_warn_if_slow_blas()
 
 
 def blas_threads() -> int | None:

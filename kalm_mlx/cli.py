@@ -1,4 +1,4 @@
-"""The ``kalm-mlx`` command: ``embed`` texts, list the ``models``, ``convert`` checkpoints.
+"""The ``kalm-mlx`` command: ``embed`` texts, list the ``models``, ``convert`` checkpoints, ``info``.
 
 ``kalm-mlx embed`` prints one JSON object per line and per text, in input order::
 
@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument("--json", action="store_true", help="print one JSON object per model")
 
+    info = commands.add_parser(
+        "info",
+        help="show versions, device, BLAS, threads, caches and converted models",
+        description="Show what a bug report needs: kalm-mlx, MLX, Python and OS versions, MLX's "
+                    "device, the BLAS library and its threads, CPU streams, compiled CPU paths, "
+                    "the cache folders and the models converted there.",
+    )
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+
     commands.add_parser(
         "convert",
         parents=[build_convert_parser()],
@@ -96,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_embed(args)
             if args.command == "models":
                 return run_models(args)
+            if args.command == "info":
+                return run_info(args)
             from convert.cli import main as convert_main
 
             return convert_main(argv[1:])
@@ -207,6 +218,21 @@ def run_models(args: argparse.Namespace) -> int:
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    return 0
+
+
+# --- info ----------------------------------------------------------------------------------
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """``kalm-mlx info``: the environment as aligned key/value lines, or one JSON object."""
+    from .info import environment_report, report_lines
+
+    report = environment_report()
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        print("\n".join(report_lines(report)))
     return 0
 
 

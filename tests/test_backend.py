@@ -1,12 +1,18 @@
-"""Backend set-up on Linux: OpenBLAS for MLX, its thread count, glibc's malloc thresholds."""
+"""Backend set-up on Linux: OpenBLAS for MLX (or a warning), its thread count, glibc's malloc thresholds."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from kalm_mlx import _backend
+
+ROOT = Path(__file__).resolve().parents[1]
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux set-up")
 needs_openblas = pytest.mark.skipif(_backend.blas_library is None, reason="needs OpenBLAS")
@@ -48,3 +54,78 @@ def test_malloc_helpers_do_nothing_off_glibc(monkeypatch):
         assert _backend.trim_malloc() is False
     finally:
         _backend.tune_malloc.cache_clear()
+
+
+# --- the warning about a slow BLAS ----------------------------------------------------------
+
+_REPORT_IMPORT = """
+import json, sys, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    if sys.argv[1] == "mlx-first":
+        import mlx.core
+    import kalm_mlx
+print(json.dumps({
+    "warnings": [[w.category.__name__, str(w.message)] for w in caught
+                 if issubclass(w.category, kalm_mlx.SlowBlasWarning)],
+    "blas_library": kalm_mlx._backend.blas_library,
+    "blas": kalm_mlx._backend.blas_status,
+}))
+"""
+
+
+def import_in_child(blas: str | None, order: str = "kalm-first") -> dict:
+    """Import kalm_mlx in a fresh interpreter with KALM_MLX_BLAS=blas (None: unset)."""
+    env = {key: value for key, value in os.environ.items() if key != "KALM_MLX_BLAS"}
+    if blas is not None:
+        env["KALM_MLX_BLAS"] = blas
+    done = subprocess.run([sys.executable, "-c", _REPORT_IMPORT, order], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@linux
+def test_a_missing_blas_warns_once_naming_the_package_and_the_variable():
+    child = import_in_child("/nonexistent/libopenblas.so.0")
+    assert len(child["warnings"]) == 1
+    category, message = child["warnings"][0]
+    assert category == "SlowBlasWarning"
+    assert "libopenblas0-pthread" in message and "KALM_MLX_BLAS" in message
+    assert "/nonexistent/libopenblas.so.0" in message and "40x slower" in message
+    assert child["blas_library"] is None
+    assert "could not load /nonexistent/libopenblas.so.0" in child["blas"]
+
+
+@linux
+def test_blas_none_is_a_choice_and_stays_quiet():
+    child = import_in_child("none")
+    assert child["warnings"] == []
+    assert child["blas_library"] is None and "KALM_MLX_BLAS=none" in child["blas"]
+    assert import_in_child("none", order="mlx-first")["warnings"] == []
+
+
+@linux
+def test_importing_mlx_first_is_too_late_and_says_so():
+    child = import_in_child(None, order="mlx-first")
+    assert [category for category, _ in child["warnings"]] == ["SlowBlasWarning"]
+    assert "mlx.core was imported before kalm_mlx" in child["warnings"][0][1]
+    assert child["blas_library"] is None
+
+
+@linux
+def test_the_default_warns_only_without_openblas():
+    child = import_in_child(None)
+    assert child["blas_library"] == _backend.blas_library
+    if _backend.blas_library is None:  # no OpenBLAS on this machine
+        assert [category for category, _ in child["warnings"]] == ["SlowBlasWarning"]
+    else:
+        assert child["warnings"] == []
+        assert child["blas"] == f"{_backend.blas_library}, loaded before mlx.core"
+
+
+def test_the_warning_is_exported():
+    import kalm_mlx
+
+    assert kalm_mlx.SlowBlasWarning is _backend.SlowBlasWarning
+    assert issubclass(kalm_mlx.SlowBlasWarning, UserWarning)

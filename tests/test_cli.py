@@ -176,3 +176,73 @@ def test_python_dash_m(qwen2_gqa2, small_model, offline_env):
                             capture_output=True, text=True, env=environment, timeout=300)
     assert failed.returncode == 2
     assert failed.stderr.startswith("error: unknown model 'nope'") and "Traceback" not in failed.stderr
+
+
+# --- info ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted_home(qwen2_gqa2, tmp_path_factory):
+    """A kalm-mlx home holding one converted tiny model (``kalm-v2``), a stray file and a non-model folder."""
+    home = tmp_path_factory.mktemp("kalm-mlx-home")
+    assert main(["convert", str(qwen2_gqa2[0]), "-o", str(home / "kalm-v2"), "--dtype", "float16"]) == 0
+    (home / "notes.txt").write_text("not a model")
+    (home / "empty").mkdir()
+    return home
+
+
+def test_info_json_describes_this_environment(capsys, monkeypatch, converted_home, offline_env):
+    import mlx.core as mx
+
+    import kalm_mlx
+    from kalm_mlx import _backend
+    from kalm_mlx.embedder import default_parallel_streams
+
+    monkeypatch.setenv("KALM_MLX_HOME", str(converted_home))
+    status, out, err = run(capsys, "info", "--json")
+    assert status == 0, err
+    report = json.loads(out)
+    assert report["kalm_mlx"] == kalm_mlx.__version__
+    assert report["mlx"] == mx.__version__
+    assert report["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert report["python_executable"] == sys.executable
+    assert report["device"] in ("cpu", "gpu")
+    assert isinstance(report["os"], str) and report["os"]
+    if report["blas_library"] is not None:
+        assert Path(report["blas_library"]).exists()
+        assert report["blas_library"] == _backend.blas_library
+        assert isinstance(report["blas_threads"], int) and report["blas_threads"] >= 1
+    assert report["blas"] == _backend.blas_status
+    assert report["cpu_streams"] == default_parallel_streams()
+    assert report["compiled_cpu_paths"] is _backend.cpu_compiler_available()
+    assert report["kalm_mlx_home"] == str(converted_home)
+    assert report["hf_hub_cache"] == str(offline_env / "hf" / "hub")
+    folder = converted_home / "kalm-v2"
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    assert report["converted_models"] == [{"name": "kalm-v2", "path": str(folder), "size_bytes": size}]
+    assert size > 1_000_000  # 256-wide float16 weights: the real files, not the config alone
+
+
+def test_info_lists_keys_and_values_aligned(capsys, monkeypatch, converted_home):
+    monkeypatch.setenv("KALM_MLX_HOME", str(converted_home))
+    status, out, err = run(capsys, "info")
+    assert status == 0, err
+    lines = out.splitlines()
+    top = [line for line in lines if not line.startswith(" ")]
+    pairs = [line.split(None, 1) for line in top]
+    rows = dict(pairs)
+    assert rows["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert rows["converted_models"] == "1"
+    value_columns = {line.index(value, len(key)) for (key, value), line in zip(pairs, top)}
+    assert len(value_columns) == 1
+    model_line = lines[-1].split()
+    assert model_line[0] == "kalm-v2" and model_line[2] == "MB"
+    assert model_line[3] == str(converted_home / "kalm-v2")
+
+
+def test_info_with_an_empty_or_missing_home(capsys, offline_env):
+    status, out, err = run(capsys, "info", "--json")
+    assert status == 0, err
+    assert json.loads(out)["converted_models"] == []
+    status, out, err = run(capsys, "info")
+    assert status == 0 and "converted_models" in out and out.rstrip().endswith("none")

@@ -116,9 +116,9 @@ def test_runs_without_a_compiler(qwen2_gqa2, tmp_path):
     import subprocess
     import sys
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(sys.executable)
+    # The interpreter itself (a symlink to a venv's python leaves the venv) with a PATH holding no g++.
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
     folder, _ = qwen2_gqa2
     script = (
         "import sys, numpy as np, kalm_mlx\n"
@@ -127,8 +127,8 @@ def test_runs_without_a_compiler(qwen2_gqa2, tmp_path):
         f"np.save(sys.argv[1], kalm_mlx.load({str(folder)!r}).encode(['Hello world', 'a b c d e f']))\n"
     )
     out = tmp_path / "vectors.npy"
-    env = {**os.environ, "PATH": str(bin_dir)}
-    result = subprocess.run([str(bin_dir / "python3"), "-c", script, str(out)], env=env,
+    env = {**os.environ, "PATH": str(empty_bin)}
+    result = subprocess.run([sys.executable, "-c", script, str(out)], env=env,
                             capture_output=True, text=True, timeout=300, cwd=os.getcwd())
     assert result.returncode == 0, result.stderr
     plain = np.load(out)

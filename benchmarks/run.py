@@ -154,7 +154,7 @@ def quantized_folder(source: Path, quantize: str) -> Path:
     """``source`` converted with ``--quantize`` (q8 or q4), cached beside it."""
     out = source.with_name(f"{source.name}-{quantize}")
     if not (out / "config.json").exists():
-        from convert.convert import convert
+        from kalm_mlx.api import convert
 
         convert(source, out, quantize=quantize)
     return out

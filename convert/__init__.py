@@ -1,7 +1,10 @@
-"""Conversion of Hugging Face checkpoints into kalm-mlx folders (``python -m convert``)."""
+"""The conversion command (``python -m convert``, ``kalm-mlx-convert``).
 
-import kalm_mlx  # noqa: F401  (sets up the BLAS before MLX is imported)
+A thin layer over kalm-mlx's conversion machinery (:mod:`kalm_mlx.conversion`); it
+imports kalm_mlx and is never imported by it.
+"""
 
-from .convert import ConversionError, convert
+from kalm_mlx.api import convert
+from kalm_mlx.conversion import ConversionError
 
 __all__ = ["ConversionError", "convert"]

@@ -4,7 +4,7 @@ from . import _backend  # noqa: F401  (must run before mlx.core is imported)
 from ._backend import SlowBlasWarning
 from .embedder import EmptyTextWarning, Embedder, TruncationWarning
 from .ensemble import Ensemble
-from .loading import load
+from .api import load
 from .registry import ModelEntry, list_models
 
 __all__ = [

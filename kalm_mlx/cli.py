@@ -21,6 +21,10 @@ from itertools import islice
 
 import numpy as np
 
+from .api import convert
+from .conversion import DEFAULT_GROUP_SIZE, QUANTIZE_BITS, format_report
+from .loading import QUANTIZATION_GROUP_SIZES
+
 DEFAULT_MODEL = "minilm"
 """The model ``embed`` uses without ``--model``: its weights ship with a package, so it works offline."""
 
@@ -30,8 +34,6 @@ STDIN_CHUNK = 256
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kalm-mlx`` and its subcommands."""
-    from convert.cli import build_parser as build_convert_parser
-
     parser = argparse.ArgumentParser(
         prog="kalm-mlx",
         description="Text embeddings with MLX: KaLM-Embedding-V2, BGE, MiniLM, GTE and Nomic.",
@@ -81,13 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print one JSON object")
 
-    commands.add_parser(
+    convert = commands.add_parser(
         "convert",
-        parents=[build_convert_parser()],
-        add_help=False,
         help="convert a Hugging Face checkpoint (same as kalm-mlx-convert)",
         description="Convert a Hugging Face embedding checkpoint into a kalm-mlx folder.",
     )
+    add_convert_arguments(convert)
     return parser
 
 
@@ -107,9 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_models(args)
             if args.command == "info":
                 return run_info(args)
-            from convert.cli import main as convert_main
-
-            return convert_main(argv[1:])
+            return run_convert(args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -163,6 +162,36 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
+
+
+# --- convert -------------------------------------------------------------------------------
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the conversion options (SRC, -o OUT, --dtype, --quantize, --group-size, --force) to ``parser``.
+
+    Shared by ``kalm-mlx convert`` and the ``kalm-mlx-convert`` / ``python -m convert`` command.
+    """
+    parser.add_argument("src", help="local Hugging Face folder, hub id, registry name or converted folder")
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                        help="dtype of the stored weights (default: keep the source's)")
+    parser.add_argument("--quantize", choices=list(QUANTIZE_BITS),
+                        help="quantize every Linear and Embedding layer to 8 or 4 bits (MLX affine)")
+    parser.add_argument("--group-size", type=int, choices=list(QUANTIZATION_GROUP_SIZES),
+                        help=f"weights per quantization scale and bias (default {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert ``args.src`` into ``args.output`` and print the report; returns 0.
+
+    Errors (a bad option, an unreadable checkpoint, an existing OUT) raise ValueError or OSError.
+    """
+    report = convert(args.src, args.output, dtype=args.dtype, quantize=args.quantize,
+                     group_size=args.group_size, force=args.force)
+    print(format_report(report))
+    return 0
 
 
 # --- models --------------------------------------------------------------------------------

@@ -13,239 +13,51 @@ one model at a time, which is what the device does anyway.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import threading
 import time
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .embedder import as_text_list
-from .hub import converted_folder, split_variant
-from .loading import load, release_memory
-from .registry import ModelEntry, find_model, list_models
+from .embedder import Embedder, as_text_list
+from .fusion import FUSIONS, RRF_K, competition_ranks, fuse_rrf, fuse_scores, fuse_vectors
+from .hub import converted_folder
+from .api import load
+from .loading import release_memory
+from .settings import (
+    DEFAULT_MODELS,
+    Settings,
+    canonical_model_name,
+    check_weight,
+    parse_byte_size,
+    registry_entry,
+)
 
-DEFAULT_MODELS = "bge-base"
-RRF_K = 60
+__all__ = [
+    "DEFAULT_MODELS",
+    "Ensemble",
+    "KINDS",
+    "MemoryBudgetWarning",
+    "RRF_K",
+    # Re-exported from settings and fusion, where they live now.
+    "canonical_model_name",
+    "competition_ranks",
+    "fuse_rrf",
+    "fuse_scores",
+    "parse_byte_size",
+]
+
 KINDS = ("query", "document")
-FUSIONS = ("rrf", "score")
-
-_DECIMAL_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_BINARY_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-BYTE_UNITS = {"": 1, "b": 1, **_DECIMAL_UNITS, **_BINARY_UNITS}
-"""Size suffixes, case-insensitive: KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024."""
-
-_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
 class MemoryBudgetWarning(UserWarning):
     """A model is larger than the whole memory budget: it is loaded alone and released after use."""
-
-
-# --- parsing ------------------------------------------------------------------------------
-
-
-def parse_byte_size(text: str) -> int:
-    """Parse a size such as ``"3GB"``, ``"750MB"``, ``"1.5 GiB"`` or ``"123456"`` into bytes.
-
-    KB, MB, GB and TB are decimal (1 GB = 10**9 bytes, as disks and macOS count);
-    KiB, MiB, GiB and TiB are binary (1 GiB = 2**30 bytes); no suffix or ``B`` means
-    bytes. Units are case-insensitive. The size must be positive.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"a size must be a string, not {type(text).__name__}")
-    match = _SIZE_PATTERN.match(text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in BYTE_UNITS:
-        raise ValueError(
-            f"cannot read {text!r} as a size; write a number with one of the units "
-            "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
-        )
-    number = float(match.group(1))
-    if BYTE_UNITS[unit] == 1 and not number.is_integer():
-        raise ValueError(f"cannot read {text!r} as a size: a byte count must be a whole number")
-    size = round(number * BYTE_UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"size {text!r} must be positive")
-    return size
-
-
-def _parse_weight(text: str) -> float:
-    try:
-        weight = float(text)
-    except ValueError:
-        raise ValueError(f"weight {text!r} is not a number") from None
-    return _check_weight(weight, text)
-
-
-def _check_weight(weight: object, shown: object) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
-        raise ValueError(f"weight {shown!r} is not a number")
-    weight = float(weight)
-    if not math.isfinite(weight) or weight <= 0:
-        raise ValueError(f"weight {shown!r} must be a positive finite number")
-    return weight
-
-
-def _split_items(text: str) -> list[tuple[str, str | None]]:
-    """Split ``a:1, b`` into ``[("a", "1"), ("b", None)]``; an empty item is an error."""
-    items = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            raise ValueError("empty item (two commas in a row, or a trailing comma?)")
-        name, colon, weight = item.rpartition(":")
-        items.append((name.strip(), weight.strip()) if colon else (item, None))
-    return items
-
-
-def parse_model_list(text: str) -> tuple[list[str], dict[str, float]]:
-    """Parse an ``EMBED_MODELS`` value into (canonical model names, weights given inline).
-
-    Items are comma-separated registry names, aliases or folder paths, each with an
-    optional ``:weight``. ``all`` or ``*`` stands for every registry model that is not
-    opt-in (models named elsewhere in the list keep their own place). The first model
-    is the default one. Raises ValueError for unknown, empty or repeated names.
-    """
-    names: list[str] = []
-    weights: dict[str, float] = {}
-    wildcard_at = None
-    for raw_name, weight_text in _split_items(text):
-        if raw_name.lower() in ("all", "*"):
-            if weight_text is not None:
-                raise ValueError(f"a weight cannot be given to {raw_name!r}")
-            if wildcard_at is not None:
-                raise ValueError(f"{raw_name!r} is given twice")
-            wildcard_at = len(names)
-            continue
-        name = canonical_model_name(raw_name)
-        if name in names:
-            raise ValueError(f"model {name!r} is listed twice")
-        names.append(name)
-        if weight_text is not None:
-            weights[name] = _parse_weight(weight_text)
-    if wildcard_at is not None:
-        defaults = [e.name for e in list_models() if not e.opt_in and e.name not in names]
-        if not defaults and not names:
-            raise ValueError("the registry has no models that are on by default")
-        names[wildcard_at:wildcard_at] = defaults
-    return names, weights
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    """Parse an ``EMBED_WEIGHTS`` value: ``name:weight`` pairs, comma-separated, or a JSON object.
-
-    Names are canonicalised (aliases become registry names); weights must be positive.
-    """
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"malformed JSON ({err})") from None
-        if not isinstance(raw, dict):
-            raise ValueError("expected a JSON object of model names and weights")
-        pairs = [(name, _check_weight(weight, weight)) for name, weight in raw.items()]
-    else:
-        pairs = []
-        for name, weight_text in _split_items(text):
-            if weight_text is None:
-                raise ValueError(f"{name!r} is not name:weight")
-            pairs.append((name, _parse_weight(weight_text)))
-    weights: dict[str, float] = {}
-    for name, weight in pairs:
-        canonical = canonical_model_name(name)
-        if canonical in weights:
-            raise ValueError(f"model {canonical!r} is given two weights")
-        weights[canonical] = weight
-    return weights
-
-
-def parse_max_loaded(text: str) -> int:
-    """Parse an ``EMBED_MAX_LOADED`` value: a whole number of models, at least 1."""
-    try:
-        count = int(text.strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
-    if count < 1:
-        raise ValueError(f"{text!r}: at least one model must be allowed to stay loaded")
-    return count
-
-
-def _registry_entry(name: str) -> tuple[ModelEntry | None, str | None]:
-    """(registry entry, quantized variant such as ``q8``) for a name like ``kalm-q8``."""
-    base, variant = split_variant(name.strip())
-    return find_model(base), variant
-
-
-def canonical_model_name(name: str | os.PathLike) -> str:
-    """The registry name for a name, alias or hub id (``kalm-q8`` gives ``kalm-v2-q8``);
-    a folder path is kept as written.
-
-    Raises ValueError listing the known models when ``name`` is neither.
-    """
-    if isinstance(name, os.PathLike):
-        name = os.fspath(name)
-    if not isinstance(name, str):
-        raise TypeError(f"a model name must be a string, not {type(name).__name__}")
-    entry, variant = _registry_entry(name)
-    if entry is not None:
-        return f"{entry.name}-{variant}" if variant else entry.name
-    if name and Path(name).expanduser().is_dir():
-        return name
-    valid = ", ".join(e.name for e in list_models())
-    raise ValueError(
-        f"unknown model {name!r}: not a folder nor a known model ({valid}; "
-        "add -q8 or -q4 for a quantized copy)"
-    )
-
-
-# --- fusion -------------------------------------------------------------------------------
-
-
-def _check_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> dict:
-    if not scores:
-        raise ValueError("no scores to fuse")
-    arrays = {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
-    lengths = {name: values.shape for name, values in arrays.items()}
-    if any(len(shape) != 1 for shape in lengths.values()) or len(set(lengths.values())) != 1:
-        raise ValueError(f"scores must be 1-D arrays of one length; got shapes {lengths}")
-    missing = [name for name in arrays if name not in weights]
-    if missing:
-        raise ValueError(f"no weight for {', '.join(missing)}")
-    return arrays
-
-
-def competition_ranks(scores: np.ndarray) -> np.ndarray:
-    """1-based ranks, highest score first; equal scores share the better rank (1, 2, 2, 4)."""
-    descending = np.sort(-np.asarray(scores, dtype=np.float64))
-    return np.searchsorted(descending, -np.asarray(scores, dtype=np.float64), side="left") + 1
-
-
-def fuse_rrf(scores: Mapping[str, np.ndarray], weights: Mapping[str, float], k: float = RRF_K) -> np.ndarray:
-    """Weighted reciprocal rank fusion: ``sum over models of w_m / (k + rank_m(doc))``.
-
-    ``scores`` maps each model to its score per document (higher is better); ranks
-    start at 1 and ties share a rank. Returns one fused score per document.
-    """
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k < 0:
-        raise ValueError(f"k must be a non-negative number, not {k!r}")
-    arrays = _check_scores(scores, weights)
-    fused = sum(weights[name] / (k + competition_ranks(values)) for name, values in arrays.items())
-    return np.asarray(fused, dtype=np.float64)
-
-
-def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """Weighted mean of the models' scores (cosines): ``sum w_m s_m / sum w_m`` per document."""
-    arrays = _check_scores(scores, weights)
-    total = sum(weights[name] for name in arrays)
-    return sum(weights[name] * values for name, values in arrays.items()) / total
 
 
 # --- the ensemble -------------------------------------------------------------------------
@@ -294,8 +106,15 @@ class Ensemble:
         self._loading: dict[str, Future] = {}
         self._reserved: dict[str, int] = {}  # expected bytes of the loads in flight
         self._load_counts: Counter[str] = Counter()
+        self._eviction_counts: Counter[str] = Counter()
         self._peak_bytes = 0
         self._local = threading.local()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, loader: Callable[[str], object] | None = None) -> Ensemble:
+        """Build an ensemble from a :class:`~kalm_mlx.settings.Settings`."""
+        return cls(list(settings.models), weights=dict(settings.weights),
+                   memory_budget=settings.memory_budget, max_loaded=settings.max_loaded, loader=loader)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None,
@@ -306,36 +125,7 @@ class Ensemble:
         Unset or empty variables take their defaults: ``bge-base``, weight 1.0 each, no
         budget, no count bound. A bad value raises ValueError naming the variable and value.
         """
-        env = os.environ if environ is None else environ
-
-        def read(variable: str, parse: Callable[[str], object], default: str | None):
-            value = (env.get(variable) or "").strip()
-            if not value:
-                if default is None:
-                    return None
-                value = default
-            try:
-                return parse(value)
-            except ValueError as err:
-                raise ValueError(f"{variable}={value!r}: {err}") from None
-
-        names, weights = read("EMBED_MODELS", parse_model_list, DEFAULT_MODELS)
-        extra_weights = read("EMBED_WEIGHTS", parse_weights, None) or {}
-        for name, weight in extra_weights.items():
-            if name not in names:
-                raise ValueError(
-                    f"EMBED_WEIGHTS={env['EMBED_WEIGHTS']!r}: {name!r} is not in EMBED_MODELS "
-                    f"({', '.join(names)})"
-                )
-            if name in weights and weights[name] != weight:
-                raise ValueError(
-                    f"EMBED_WEIGHTS={env['EMBED_WEIGHTS']!r}: {name!r} has weight {weight} "
-                    f"but EMBED_MODELS={env['EMBED_MODELS']!r} gives it {weights[name]}"
-                )
-            weights[name] = weight
-        budget = read("EMBED_MEMORY_BUDGET", parse_byte_size, None)
-        max_loaded = read("EMBED_MAX_LOADED", parse_max_loaded, None)
-        return cls(names, weights=weights, memory_budget=budget, max_loaded=max_loaded, loader=loader)
+        return cls.from_settings(Settings.from_env(environ), loader=loader)
 
     # --- configuration -------------------------------------------------------------------
 
@@ -351,13 +141,13 @@ class Ensemble:
                         f"weight given for {name!r}, which is not one of the ensemble's models "
                         f"({', '.join(self.models)})"
                     )
-                given[canonical] = _check_weight(weight, weight)
+                given[canonical] = check_weight(weight, weight)
             return {name: given.get(name, 1.0) for name in self.models}
         if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
             raise TypeError(f"weights must be a mapping or a sequence, not {type(weights).__name__}")
         if len(weights) != len(self.models):
             raise ValueError(f"{len(weights)} weights for {len(self.models)} models")
-        return {name: _check_weight(w, w) for name, w in zip(self.models, weights)}
+        return {name: check_weight(w, w) for name, w in zip(self.models, weights)}
 
     @staticmethod
     def _resolve_budget(budget) -> int | None:
@@ -422,6 +212,12 @@ class Ensemble:
             return dict(self._load_counts)
 
     @property
+    def eviction_counts(self) -> dict[str, int]:
+        """How many times each model has been evicted (``unload()`` included)."""
+        with self._state:
+            return dict(self._eviction_counts)
+
+    @property
     def timings(self) -> dict[str, dict[str, float]]:
         """Seconds spent per model by this thread's last ``encode`` (or call built on it).
 
@@ -451,7 +247,7 @@ class Ensemble:
         earlier load, else its weights on disk, else the registry's parameter count in float32."""
         if name in self._nbytes:
             return self._nbytes[name]
-        entry, variant = _registry_entry(name)
+        entry, variant = registry_entry(name)
         folder = converted_folder(entry, variant) if entry is not None else Path(name).expanduser()
         on_disk = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
         if on_disk:
@@ -505,6 +301,7 @@ class Ensemble:
     def _evict(self, name: str) -> object:
         if self._users[name]:
             raise RuntimeError(f"bug: {name} would be evicted while in use")
+        self._eviction_counts[name] += 1
         return self._loaded.pop(name)
 
     def _drop(self, victims: list[object]) -> None:
@@ -625,6 +422,25 @@ class Ensemble:
                         return name
         return remaining[0]
 
+    @contextmanager
+    def use(self, model: str) -> Iterator[Embedder]:
+        """Hold one model for a block of MLX work: ``with ensemble.use("bge-base") as embedder:``.
+
+        The model is loaded if needed (making room as :meth:`encode` does), stays in use,
+        so never evicted, until the block ends, and the block holds the ensemble's device
+        lock: other threads' loads and encodes wait. For callers that drive the embedder
+        themselves (the server's batcher, the corpus job); ``model`` is any name
+        :meth:`encode` accepts.
+        """
+        name = self._select(model)[0]
+        embedder, _ = self._acquire(name)
+        try:
+            with self._mlx_lock:
+                yield embedder
+        finally:
+            embedder = None  # an evicted model must not outlive its eviction here
+            self._release(name)
+
     def _encode_with(self, name: str, texts, kind: str, batch_size: int) -> tuple[np.ndarray, dict]:
         """Embed with one model, holding it in use meanwhile; returns (vectors, timings)."""
         start = time.perf_counter()
@@ -673,9 +489,7 @@ class Ensemble:
         weighted mean of the models' cosines: one vector index serves the whole ensemble.
         """
         per_model = self.encode(texts, kind=kind, batch_size=batch_size)
-        total = sum(self.weights.values())
-        parts = [per_model[name] * np.float32(math.sqrt(self.weights[name] / total)) for name in self.models]
-        return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+        return fuse_vectors(per_model, self.weights, self.models)
 
     def rank(self, query: str, documents: Sequence[str] | Mapping[str, np.ndarray],
              top_k: int | None = None, fusion: str = "rrf", k: float = RRF_K) -> list[tuple[int, float]]:

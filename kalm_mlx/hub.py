@@ -27,6 +27,8 @@ import re
 import warnings
 from pathlib import Path
 
+from .conversion import ConversionError, convert_folder
+from .loading import is_converted
 from .registry import ModelEntry, find_model, get_model
 
 logger = logging.getLogger(__name__)
@@ -114,8 +116,6 @@ def local_copies(entry: ModelEntry) -> list[str]:
 
     Labels: ``converted``, ``converted-q8`` / ``converted-q4``, ``hf-cache`` and ``package``.
     """
-    from .loading import is_converted
-
     found = [
         f"converted-{variant}" if variant else "converted"
         for variant in (None, *VARIANTS)
@@ -139,8 +139,6 @@ def resolve(name_or_path: str | Path, *, convert_missing: bool = False) -> tuple
     warning). Raises ValueError listing the known names for an unknown name, and
     FileNotFoundError listing every place tried when the model is nowhere to be found.
     """
-    from .loading import is_converted
-
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path, None
@@ -208,17 +206,12 @@ def _download(hub_id: str, tried: list[str]) -> Path | None:
 
 def _convert_into_cache(entry: ModelEntry, variant: str | None, source: Path) -> Path:
     """Convert ``entry`` (found at ``source``) into its cache folder; return the folder to load."""
-    from convert import ConversionError, convert
-
-    from .loading import is_converted
-
     out = converted_folder(entry, variant)
     options = {"quantize": variant} if variant else {}
     logger.info("converting %s from %s into %s", entry.name, source, out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        # By hub id, so that convert resolves to the same source with the registry entry.
-        convert(entry.hub_id, out, **options)
+        convert_folder(source, out, entry=entry, source=entry.hub_id, **options)
     except ConversionError:
         if is_converted(out):  # another process converted it at the same time
             return out

@@ -3,7 +3,9 @@
 A checkpoint is either a Hugging Face folder (config.json, safetensors, tokenizer
 files, optional sentence-transformers files) or a folder written by ``convert``,
 whose config.json carries a ``kalm_mlx`` section. Both are read into the same
-:class:`Checkpoint`, from which :func:`build_model` makes the MLX module.
+:class:`Checkpoint`, from which :func:`build_model` makes the MLX module and
+:func:`embedder_from_checkpoint` the Embedder. Names are not resolved here: that is
+:mod:`kalm_mlx.hub`, and :func:`kalm_mlx.load` (in :mod:`kalm_mlx.api`) composes the two.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._backend import trim_malloc
+from .embedder import Embedder, load_tokenizer
 from .models import family_module, family_of
 from .models.base import check_weights
 from .pooling import POOLING_METHODS
@@ -452,41 +455,8 @@ def release_memory() -> None:
 
 
 def embedder_from_checkpoint(checkpoint: Checkpoint, dtype: mx.Dtype, quantized: str = "auto",
-                             consume: bool = False):
+                             consume: bool = False) -> Embedder:
     """Build an :class:`~kalm_mlx.Embedder` (model and tokenizer) from a checkpoint read in memory."""
-    from .embedder import Embedder, load_tokenizer
-
     model = build_model(checkpoint, dtype, quantized, consume=consume)
     tokenizer = load_tokenizer(checkpoint.tokenizer_path, int(checkpoint.meta["max_tokens"]))
     return Embedder(model, tokenizer, checkpoint.meta, dtype)
-
-
-# --- the public entry point ---------------------------------------------------------------
-
-
-def load(name_or_path: str | Path, dtype: str | None = None, quantized: str = "auto"):
-    """Load an embedding model and return an :class:`~kalm_mlx.Embedder`.
-
-    ``name_or_path`` is a converted folder, a raw Hugging Face folder, a registry
-    name or alias (``kalm-v2``, ``minilm``, ``kalm-v2-q8``...) or a hub id; a registry
-    model is converted into ``~/.cache/kalm-mlx`` on first use (see :mod:`kalm_mlx.hub`).
-    ``dtype`` is the compute dtype (float32, float16, bfloat16); by default float16 on a
-    GPU and float32 on the CPU.
-
-    ``quantized`` matters for folders converted with ``--quantize``: ``keep`` keeps every
-    quantized layer (least memory), ``dequantize`` turns them all into ``dtype`` layers
-    (fastest on the CPU), and ``auto`` keeps them all on a GPU but, on the CPU, dequantizes
-    the Linear layers and keeps the embedding table quantized: MLX's CPU quantized matmul
-    is ~50x slower than float32, an embedding lookup is not.
-    """
-    from .hub import resolve
-
-    compute_dtype = resolve_dtype(dtype)
-    check_quantized_choice(quantized)
-    folder, entry = resolve(name_or_path, convert_missing=True)
-    checkpoint = read_checkpoint(folder, entry)
-    embedder = embedder_from_checkpoint(checkpoint, compute_dtype, quantized, consume=True)
-    # The tensors that were cast or dequantized are garbage now; hand their memory back.
-    del checkpoint
-    release_memory()
-    return embedder

@@ -94,7 +94,7 @@ def test_interrupted_conversion_leaves_nothing(hf_folder, tmp_path, monkeypatch)
         (folder / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(importlib.import_module("convert.convert"), "save_weights", interrupted)
+    monkeypatch.setattr(importlib.import_module("kalm_mlx.conversion.core"), "save_weights", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(hf_folder, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -211,3 +211,20 @@ def test_build_model_leaves_the_checkpoint_alone_unless_told(tmp_path):
     assert len(checkpoint.weights) == count
     build_model(checkpoint, mx.float16, consume=True)
     assert checkpoint.weights == {}
+
+
+def test_convert_folder_takes_a_folder_and_records_the_source(hf_folder, tmp_path):
+    from kalm_mlx.conversion import check_options, convert_folder
+    from kalm_mlx.registry import get_model
+
+    report = convert_folder(hf_folder, tmp_path / "out", entry=get_model("gte-base"), source="thenlper/gte-base")
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())["kalm_mlx"]
+    assert (meta["name"], meta["source"], report["output"]) == ("gte-base", "thenlper/gte-base",
+                                                                 str(tmp_path / "out"))
+    assert check_options(None, "q4", 32) == (4, 32) and check_options("float16", None, None) is None
+    for options, message in [(("float64", None, None), "--dtype"), ((None, None, 64), "--group-size"),
+                             ((None, "q3", None), "--quantize"), ((None, "q8", 48), "--group-size")]:
+        with pytest.raises(ConversionError, match=message):
+            check_options(*options)
+    with pytest.raises(ConversionError, match="must not be the source folder"):
+        convert_folder(hf_folder, hf_folder / "inside")

@@ -24,6 +24,7 @@ from kalm_mlx.ensemble import (
     parse_byte_size,
 )
 from kalm_mlx.registry import list_models
+from kalm_mlx.settings import Settings
 from tests.helpers import TEXTS, make_qwen2_checkpoint
 
 # Three tiny Qwen2 encoders of different sizes, converted under registry names into a
@@ -551,3 +552,58 @@ def test_encode_fused_dot_products_are_weighted_mean_cosines(home):
     # The fused dot products order documents exactly as score fusion does.
     fused_order = np.argsort(-(queries[0] @ documents.T), kind="stable").tolist()
     assert fused_order == [index for index, _ in ens.rank(QUERIES[0], per_document, fusion="score")]
+
+
+# --- from_settings, use(), eviction counts --------------------------------------------------
+
+
+def test_from_settings_equals_from_env():
+    env = {"EMBED_MODELS": "minilm:2,bge-base", "EMBED_MEMORY_BUDGET": "1GB", "EMBED_MAX_LOADED": "1"}
+    settings = Settings.from_env(env)
+    assert settings == Settings(models=("minilm", "bge-base"), weights={"minilm": 2.0, "bge-base": 1.0},
+                                memory_budget=10**9, max_loaded=1)
+    for ens in (Ensemble.from_settings(settings), Ensemble.from_env(environ=env)):
+        assert (ens.models, ens.weights, ens.memory_budget, ens.max_loaded) == (
+            settings.models, dict(settings.weights), settings.memory_budget, settings.max_loaded)
+
+
+def test_use_holds_the_model_and_counts_evictions(home):
+    sizes = home
+    ens = Ensemble([SMALL, MEDIUM, LARGE], memory_budget=sizes[LARGE])  # one model at a time
+    with ens.use(SMALL) as embedder:
+        assert list(ens.loaded) == [SMALL]
+        np.testing.assert_allclose(embedder.encode_queries(TEXTS), direct(SMALL, "query"), atol=1e-6)
+    assert ens.eviction_counts == {}
+    ens.encode(TEXTS, models=LARGE)
+    ens.encode(TEXTS, models=MEDIUM)
+    ens.encode(TEXTS, models=SMALL)
+    assert list(ens.loaded) == [SMALL]
+    assert ens.eviction_counts == {SMALL: 1, LARGE: 1, MEDIUM: 1}
+    assert ens.unload() == [SMALL] and ens.eviction_counts[SMALL] == 2
+    with pytest.raises(ValueError, match="not one of the ensemble's models"):
+        with ens.use("nomic"):
+            pass
+
+
+def test_a_model_in_use_is_not_evicted_by_another_thread(home):
+    sizes = home
+    ens = Ensemble([SMALL, LARGE], memory_budget=sizes[LARGE])  # one at a time
+    inside, other_done = threading.Event(), threading.Event()
+    order = []
+
+    def other():
+        inside.wait()
+        ens.encode(TEXTS, models=LARGE)  # must wait for SMALL to be released
+        order.append("large")
+        other_done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with ens.use(SMALL):
+        inside.set()
+        assert not other_done.wait(0.5)
+        assert list(ens.loaded) == [SMALL]
+        order.append("small released")
+    thread.join(60)
+    assert order == ["small released", "large"]
+    assert list(ens.loaded) == [LARGE]

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import convert as convert_package
 import kalm_mlx
 from kalm_mlx import hub
 from kalm_mlx.hub import cache_home, hf_hub_cache, local_copies, resolve, split_variant
@@ -189,14 +188,14 @@ def test_an_unwritable_cache_falls_back_to_the_raw_folder(offline_env, monkeypat
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(cache_home()))
 
-    monkeypatch.setattr(convert_package, "convert", read_only)
+    monkeypatch.setattr(hub, "convert_folder", read_only)
     with pytest.warns(RuntimeWarning, match="cannot write the converted copy"):
         assert resolve("minilm", convert_missing=True)[0] == bundled
 
     def broken(*args, **kwargs):
         raise FileNotFoundError("model.safetensors: missing")
 
-    monkeypatch.setattr(convert_package, "convert", broken)
+    monkeypatch.setattr(hub, "convert_folder", broken)
     with pytest.raises(FileNotFoundError, match="missing"):
         resolve("minilm", convert_missing=True)
 

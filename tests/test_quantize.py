@@ -14,8 +14,8 @@ import pytest
 import kalm_mlx
 from convert import ConversionError, convert
 from convert.cli import main as convert_main
-from convert.convert import prepare_weights
-from convert.quantize import REPORT_TEXTS
+from kalm_mlx.conversion.core import prepare_weights
+from kalm_mlx.conversion.quantize import REPORT_TEXTS
 from kalm_mlx.loading import read_safetensors, release_memory
 from kalm_mlx.models import FAMILIES
 from tests.helpers import TEXTS, make_qwen2_checkpoint

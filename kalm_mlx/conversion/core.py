@@ -1,4 +1,7 @@
-"""Hugging Face folder (or hub id, or converted folder) -> self-describing MLX folder.
+"""A checkpoint folder (Hugging Face or converted) -> a self-describing MLX folder.
+
+Names are resolved above this layer (:func:`kalm_mlx.api.convert` takes hub ids and
+registry names); here SRC is a folder already.
 
 Everything is read and checked before anything is written; the output is written to
 a temporary folder beside OUT and renamed into place at the end, so an interrupted
@@ -16,8 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from kalm_mlx.hub import resolve
-from kalm_mlx.loading import (
+from ..loading import (
     DTYPES,
     META_KEY,
     TOKENIZER_FILES,
@@ -25,7 +27,8 @@ from kalm_mlx.loading import (
     model_skeleton,
     read_checkpoint,
 )
-from kalm_mlx.models.base import check_weights
+from ..registry import ModelEntry
+from ..models.base import check_weights
 
 from .quantize import (
     QuantizationPlan,
@@ -154,22 +157,44 @@ def write_folder(out: Path, checkpoint: Checkpoint, force: bool) -> None:
         raise
 
 
-def convert(
-    src: str | Path,
+def check_options(dtype: str | None, quantize: str | None,
+                  group_size: int | None) -> tuple[int, int] | None:
+    """Check ``--dtype``, ``--quantize`` and ``--group-size``; return (bits, group size) or None.
+
+    Raises ConversionError naming the bad option.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if quantize is None and group_size is not None:
+        raise ConversionError("--group-size applies only with --quantize q8|q4")
+    if quantize is None:
+        return None
+    try:
+        return parse_quantize(quantize, group_size)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+
+
+def convert_folder(
+    folder: str | Path,
     out: str | Path,
     *,
+    entry: ModelEntry | None = None,
+    source: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
     group_size: int | None = None,
     force: bool = False,
     progress: bool | None = None,
 ) -> dict:
-    """Convert SRC (local HF folder, hub id, registry name or converted folder) into OUT.
+    """Convert the checkpoint in ``folder`` (Hugging Face or converted) into OUT.
 
-    ``dtype`` casts the stored weights (default: keep the source's dtype). ``quantize``
-    (``q8`` or ``q4``) quantizes every Linear and Embedding layer with ``group_size``
-    (32, 64 or 128; default 64), skipping layers whose input size it does not divide.
-    ``progress`` shows a progress bar (None: for large checkpoints on a terminal).
+    ``entry`` is the registry entry the folder holds, when known; ``source`` is what is
+    recorded as the model's source (default: the folder). ``dtype`` casts the stored
+    weights (default: keep the source's dtype). ``quantize`` (``q8`` or ``q4``) quantizes
+    every Linear and Embedding layer with ``group_size`` (32, 64 or 128; default 64),
+    skipping layers whose input size it does not divide. ``progress`` shows a progress
+    bar (None: for large checkpoints on a terminal).
 
     Returns a report dict: output, family, tensors, parameters, dtype, bytes_before,
     bytes_after, quantization (None, or bits, group_size, modules and skipped as in the
@@ -177,19 +202,9 @@ def convert(
     built-in texts: texts, mean_cosine, min_cosine, worst_text and the quantized vectors).
     Raises ConversionError (a ValueError) before writing anything when an input is bad.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if quantize is None and group_size is not None:
-        raise ConversionError("--group-size applies only with --quantize q8|q4")
-    bits_and_group = None
-    if quantize is not None:
-        try:
-            bits_and_group = parse_quantize(quantize, group_size)
-        except ValueError as err:
-            raise ConversionError(str(err)) from None
-    local_src = Path(src).expanduser()
-    out = validate_output(Path(out), local_src if local_src.exists() else None, force)
-    folder, entry = resolve(src)
+    bits_and_group = check_options(dtype, quantize, group_size)
+    folder = Path(folder)
+    out = validate_output(Path(out), folder, force)
     if not (folder / "tokenizer.json").exists():
         raise ConversionError(f"{folder}: tokenizer.json not found; kalm-mlx needs the fast tokenizer file")
     checkpoint = read_checkpoint(folder, entry)
@@ -198,7 +213,7 @@ def convert(
     if bits_and_group is not None:
         plan = _plan(checkpoint, *bits_and_group)
     bytes_before = _folder_bytes(folder)
-    meta = dict(checkpoint.meta, source=str(src))
+    meta = dict(checkpoint.meta, source=source or str(folder))
     if dtype is not None:
         meta["dtype"] = dtype
     if plan is not None:
@@ -238,3 +253,37 @@ def _plan(checkpoint: Checkpoint, bits: int, group_size: int) -> QuantizationPla
             f"group size {group_size}; try a smaller --group-size"
         )
     return plan
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def format_report(report: dict) -> str:
+    """Human-readable lines for a conversion report."""
+    lines = [
+        f"wrote {report['output']}",
+        f"  family {report['family']}, {report['tensors']} tensors, "
+        f"{report['parameters']:,} parameters, dtype {report['dtype']}",
+        f"  on disk: {_human_bytes(report['bytes_before'])} -> {_human_bytes(report['bytes_after'])}",
+    ]
+    quantization = report.get("quantization")
+    if quantization:
+        modules, skipped = quantization["modules"], quantization.get("skipped") or {}
+        lines.append(
+            f"  quantized q{quantization['bits']}, group size {quantization['group_size']}: "
+            f"{len(modules)} of {len(modules) + len(skipped)} Linear/Embedding layers"
+        )
+        for path, reason in skipped.items():
+            lines.append(f"  kept in float: {path} ({reason})")
+    quality = report.get("quality")
+    if quality:
+        lines.append(
+            f"  cosine to the float model on {quality['texts']} built-in texts: "
+            f"mean {quality['mean_cosine']:.5f}, worst {quality['min_cosine']:.5f}"
+        )
+    return "\n".join(lines)

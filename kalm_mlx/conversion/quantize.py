@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from kalm_mlx.loading import (
+from ..loading import (
     QUANTIZATION_GROUP_SIZES,
     Checkpoint,
     embedder_from_checkpoint,
@@ -23,7 +23,7 @@ from kalm_mlx.loading import (
     release_memory,
     resolve_dtype,
 )
-from kalm_mlx.pooling import normalize
+from ..pooling import normalize
 
 QUANTIZE_BITS = {"q8": 8, "q4": 4}
 """``--quantize`` values and their bits per weight."""

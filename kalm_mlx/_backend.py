@@ -51,23 +51,22 @@ def _find_openblas() -> str | None:
     return ctypes.util.find_library("openblas")
 
 
+@functools.cache
 def load_fast_blas() -> str | None:
     """Load OpenBLAS globally on Linux before MLX; return the path loaded, or None.
 
-    Records what happened in :data:`blas_status`. Without an optimised BLAS on
-    Linux (none found, a failed load, or ``mlx.core`` imported first) the reason is
-    kept for the :class:`SlowBlasWarning`; ``KALM_MLX_BLAS=none`` is a choice, not a problem.
+    Done once, at import; later calls return the same. Records what happened in
+    :data:`blas_status`. Without an optimised BLAS on Linux (none found, a failed load,
+    or ``mlx.core`` imported first) the reason is kept for the :class:`SlowBlasWarning`;
+    ``KALM_MLX_BLAS=none`` is a choice, not a problem.
     """
     global blas_library, blas_status, _blas_handle, _slow_blas_reason
-    if blas_library is not None:
-        return blas_library
     if not sys.platform.startswith("linux"):
-        blas_status = f"MLX's own ({sys.platform}: nothing to load)"
+        blas_status = "Accelerate, MLX's own on macOS" if sys.platform == "darwin" else "MLX's own"
         return None
     explicit = os.environ.get("KALM_MLX_BLAS", "").strip()
     if explicit.lower() == "none":
         blas_status = "MLX's bundled reference BLAS (KALM_MLX_BLAS=none)"
-        _slow_blas_reason = None
         return None
     if "mlx.core" in sys.modules:
         # Too late: MLX has already bound its BLAS symbols.
@@ -98,7 +97,6 @@ def load_fast_blas() -> str | None:
         return None
     blas_library = path
     blas_status = f"{path}, loaded before mlx.core"
-    _slow_blas_reason = None
     return path
 
 

@@ -64,22 +64,31 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     if sys.argv[1] == "mlx-first":
         import mlx.core
+    if sys.argv[1] == "no-openblas":  # a machine without libopenblas0-pthread
+        import ctypes.util, os.path
+        exists = os.path.exists
+        os.path.exists = lambda path: "openblas" not in str(path) and exists(path)
+        ctypes.util.find_library = lambda name: None
     import kalm_mlx
 print(json.dumps({
     "warnings": [[w.category.__name__, str(w.message)] for w in caught
                  if issubclass(w.category, kalm_mlx.SlowBlasWarning)],
     "blas_library": kalm_mlx._backend.blas_library,
     "blas": kalm_mlx._backend.blas_status,
+    "again": [kalm_mlx._backend.load_fast_blas(), kalm_mlx._backend.blas_status],
 }))
 """
 
 
-def import_in_child(blas: str | None, order: str = "kalm-first") -> dict:
-    """Import kalm_mlx in a fresh interpreter with KALM_MLX_BLAS=blas (None: unset)."""
+def import_in_child(blas: str | None, how: str = "kalm-first") -> dict:
+    """Import kalm_mlx in a fresh interpreter with KALM_MLX_BLAS=blas (None: unset).
+
+    ``how``: ``kalm-first``, ``mlx-first`` (mlx.core imported before) or ``no-openblas``.
+    """
     env = {key: value for key, value in os.environ.items() if key != "KALM_MLX_BLAS"}
     if blas is not None:
         env["KALM_MLX_BLAS"] = blas
-    done = subprocess.run([sys.executable, "-c", _REPORT_IMPORT, order], env=env, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-c", _REPORT_IMPORT, how], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -95,6 +104,17 @@ def test_a_missing_blas_warns_once_naming_the_package_and_the_variable():
     assert "/nonexistent/libopenblas.so.0" in message and "40x slower" in message
     assert child["blas_library"] is None
     assert "could not load /nonexistent/libopenblas.so.0" in child["blas"]
+    assert child["again"] == [None, child["blas"]]  # set up once: a second call changes nothing
+
+
+@linux
+def test_no_openblas_installed_warns_naming_the_package_and_the_variable():
+    child = import_in_child(None, how="no-openblas")
+    assert [category for category, _ in child["warnings"]] == ["SlowBlasWarning"]
+    message = child["warnings"][0][1]
+    assert "no OpenBLAS found" in message and "sudo apt-get install libopenblas0-pthread" in message
+    assert "KALM_MLX_BLAS" in message
+    assert child["blas_library"] is None and "no OpenBLAS found" in child["blas"]
 
 
 @linux
@@ -102,12 +122,12 @@ def test_blas_none_is_a_choice_and_stays_quiet():
     child = import_in_child("none")
     assert child["warnings"] == []
     assert child["blas_library"] is None and "KALM_MLX_BLAS=none" in child["blas"]
-    assert import_in_child("none", order="mlx-first")["warnings"] == []
+    assert import_in_child("none", how="mlx-first")["warnings"] == []
 
 
 @linux
 def test_importing_mlx_first_is_too_late_and_says_so():
-    child = import_in_child(None, order="mlx-first")
+    child = import_in_child(None, how="mlx-first")
     assert [category for category, _ in child["warnings"]] == ["SlowBlasWarning"]
     assert "mlx.core was imported before kalm_mlx" in child["warnings"][0][1]
     assert child["blas_library"] is None
@@ -122,6 +142,7 @@ def test_the_default_warns_only_without_openblas():
     else:
         assert child["warnings"] == []
         assert child["blas"] == f"{_backend.blas_library}, loaded before mlx.core"
+    assert child["again"] == [child["blas_library"], child["blas"]]
 
 
 def test_the_warning_is_exported():

@@ -114,8 +114,8 @@ def _warn_if_slow_blas() -> bool:
     if _slow_blas_reason is None or mx.default_device() != mx.cpu:
         return False
     warnings.warn(
-        f"MLX's CPU backend is running on its reference BLAS, which makes float32 matmul about "
-        f"40x slower: {_slow_blas_reason}. Set KALM_MLX_BLAS=none to keep MLX's BLAS without "
+        f"MLX's CPU backend is running on its reference BLAS, which makes float32 matmul "
+        f"10-40x slower: {_slow_blas_reason}. Set KALM_MLX_BLAS=none to keep MLX's BLAS without "
         "this warning; `kalm-mlx info` shows what is loaded.",
         SlowBlasWarning,
         stacklevel=2,

@@ -101,7 +101,7 @@ def test_a_missing_blas_warns_once_naming_the_package_and_the_variable():
     category, message = child["warnings"][0]
     assert category == "SlowBlasWarning"
     assert "libopenblas0-pthread" in message and "KALM_MLX_BLAS" in message
-    assert "/nonexistent/libopenblas.so.0" in message and "40x slower" in message
+    assert "/nonexistent/libopenblas.so.0" in message and "slower" in message
     assert child["blas_library"] is None
     assert "could not load /nonexistent/libopenblas.so.0" in child["blas"]
     assert child["again"] == [None, child["blas"]]  # set up once: a second call changes nothing

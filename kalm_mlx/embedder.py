@@ -268,12 +268,40 @@ class Embedder:
             return np.zeros((0, dim), dtype=np.float32)
         if prefix:
             text_list = [prefix + text for text in text_list]
-        token_ids = self._tokenize(text_list)
-        vectors = self._embed_ids(token_ids, batch_size, show_progress_bar)
-        if dim != self.dim:
-            return truncate(vectors, dim, renormalize=normalize,
+        vectors = self._embed_ids(self._tokenize(text_list), batch_size, show_progress_bar)
+        return self.finish(vectors, normalize, dim)
+
+    def encode_tokens(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        batch_size: int = 32,
+        normalize: bool = True,
+        truncate_dim: int | None = None,
+        show_progress_bar: bool | None = None,
+        allow_untrained_dim: bool = False,
+    ) -> np.ndarray:
+        """Embed texts already turned into token ids (as :meth:`tokenize` gives them), exactly
+        as :meth:`encode` embeds them: same batching, pooling, Matryoshka and normalisation.
+
+        Ids are fed as given (no prompt, no truncation); each must be in the vocabulary.
+        """
+        dim = self._check_truncate_dim(truncate_dim, allow_untrained_dim)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        ids = self.check_token_ids(token_ids)
+        if not ids:
+            return np.zeros((0, dim), dtype=np.float32)
+        return self.finish(self._embed_ids(ids, batch_size, show_progress_bar), normalize, dim)
+
+    def finish(self, pooled: np.ndarray, normalize: bool = True, truncate_dim: int | None = None) -> np.ndarray:
+        """Pooled vectors -> what :meth:`encode` returns: Matryoshka truncation, then normalisation.
+
+        ``truncate_dim`` is not checked here (see :meth:`encode`); None keeps every dim.
+        """
+        if truncate_dim is not None and truncate_dim != self.dim:
+            return truncate(pooled, truncate_dim, renormalize=normalize,
                             pre_layer_norm=bool(self.meta.get("matryoshka_layer_norm")))
-        return l2_normalize(vectors) if normalize else vectors
+        return l2_normalize(pooled) if normalize else pooled
 
     def encode_queries(self, texts: str | Sequence[str], instruction: str | None = None,
                        **kwargs) -> np.ndarray:
@@ -321,6 +349,25 @@ class Embedder:
                 f"{truncate_dim}; pass allow_untrained_dim=True to truncate anyway"
             )
         return truncate_dim
+
+    def check_token_ids(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        """``token_ids`` as lists of Python ints; TypeError for a non-integer item, ValueError
+        (naming the list and the id) for an id outside the tokenizer's vocabulary."""
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, (Sequence, np.ndarray)):
+            raise TypeError(f"token_ids must be a sequence of id lists, not {type(token_ids).__name__}")
+        vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        out = []
+        for i, seq in enumerate(token_ids):
+            if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
+                raise TypeError(f"token_ids[{i}] is {type(seq).__name__}, expected a list of ints")
+            ids = np.asarray(seq)
+            if ids.size and (ids.ndim != 1 or ids.dtype.kind not in "iu"):
+                raise TypeError(f"token_ids[{i}] must be a flat list of ints")
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                bad = ids[(ids < 0) | (ids >= vocab)][0]
+                raise ValueError(f"token_ids[{i}] holds id {bad}, outside the vocabulary 0..{vocab - 1}")
+            out.append(ids.astype(np.int64).tolist())
+        return out
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         texts = _replace_lone_surrogates(texts)

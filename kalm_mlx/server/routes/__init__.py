@@ -1,0 +1,1 @@
+"""One router per concern: embeddings, rank, models and health, metrics."""

@@ -1,0 +1,160 @@
+"""The output folder's ``_manifest.json``: what the job is, which shards are done, the totals.
+
+The manifest has two halves. ``job`` says what the output is made of (inputs with their
+size and modification time, models with their dims and prompts, the options that change
+a vector or a row); a rerun compares it with its own and refuses to mix two different
+jobs in one folder. ``shards`` lists the finished shards, each with the resume position
+it ends at and its counts, so that a killed run loses at most the shard it was writing.
+The file is rewritten whole, to a temporary name and renamed, after each shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST = "_manifest.json"
+"""The leading underscore makes pyarrow, pandas and polars datasets skip it when reading the folder."""
+FORMAT = "kalm-mlx-corpus/1"
+SHARD_PATTERN = "part-{:05d}.parquet"
+
+
+@dataclass
+class Shard:
+    """A finished shard: its file, rows, resume position and counts."""
+
+    file: str
+    rows: int
+    end: tuple[int, int]
+    """(input index, records of that input consumed): where the next shard starts reading."""
+    tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens encoded per model (prompt and special tokens included, after truncation)."""
+    truncated: dict[str, int] = field(default_factory=dict)
+    empty: int = 0
+    """Texts with no tokens (all-zero vectors, as ``encode()`` gives them)."""
+    bad_rows: int = 0
+    """Rows skipped as unreadable (``skip_bad_rows``)."""
+
+    def to_json(self) -> dict:
+        """The shard as manifest JSON."""
+        return {"file": self.file, "rows": self.rows, "end": list(self.end), "tokens": self.tokens,
+                "truncated": self.truncated, "empty": self.empty, "bad_rows": self.bad_rows}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Shard:
+        """A shard read back from manifest JSON."""
+        return cls(data["file"], int(data["rows"]), tuple(data["end"]), dict(data["tokens"]),
+                   dict(data["truncated"]), int(data["empty"]), int(data["bad_rows"]))
+
+
+@dataclass
+class Manifest:
+    """The job description plus its progress."""
+
+    job: dict
+    shards: list[Shard] = field(default_factory=list)
+    complete: bool = False
+    trailing_bad_rows: int = 0
+    """Bad rows after the last shard's end (counted once the job is complete)."""
+
+    def totals(self) -> dict:
+        """Rows, tokens, truncated, empty and bad rows over the finished shards."""
+        models = [m["column"] for m in self.job.get("models", [])]
+        return {
+            "rows": sum(s.rows for s in self.shards),
+            "tokens": {m: sum(s.tokens.get(m, 0) for s in self.shards) for m in models},
+            "truncated": {m: sum(s.truncated.get(m, 0) for s in self.shards) for m in models},
+            "empty": sum(s.empty for s in self.shards),
+            "bad_rows": sum(s.bad_rows for s in self.shards) + self.trailing_bad_rows,
+        }
+
+    def to_json(self) -> dict:
+        """The manifest as JSON (the format tag, the job, the shards, the totals)."""
+        return {"format": FORMAT, **self.job, "shards": [s.to_json() for s in self.shards],
+                "shards_done": len(self.shards), "complete": self.complete,
+                "trailing_bad_rows": self.trailing_bad_rows, "totals": self.totals()}
+
+    def write(self, folder: Path) -> None:
+        """Write ``folder/manifest.json`` atomically."""
+        write_atomic(Path(folder) / MANIFEST, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
+
+
+JOB_KEYS = ("kalm_mlx_version", "kind", "instruction", "dim", "dtype", "models", "options", "inputs")
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    """The manifest in ``folder``, or None if there is none; ValueError if it is unreadable."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+        job = {key: data[key] for key in JOB_KEYS}
+        shards = [Shard.from_json(s) for s in data["shards"]]
+        return Manifest(job, shards, bool(data["complete"]), int(data.get("trailing_bad_rows", 0)))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a kalm-mlx corpus manifest ({err}); use --force to start over") from None
+
+
+def job_difference(old: dict, new: dict) -> str | None:
+    """The first way two job descriptions differ, in words, or None when they are the same job.
+
+    The kalm-mlx version is recorded but not compared (vectors do not depend on it).
+    """
+    old_inputs = {i["path"]: i for i in old["inputs"]}
+    new_inputs = {i["path"]: i for i in new["inputs"]}
+    for path in new_inputs.keys() - old_inputs.keys():
+        return f"input {path} is new"
+    for path in old_inputs.keys() - new_inputs.keys():
+        return f"input {path} is no longer an input"
+    if list(old_inputs) != list(new_inputs):
+        return "the inputs are in a different order"
+    for path, was in old_inputs.items():
+        now = new_inputs[path]
+        for key, what in (("size", "size"), ("mtime_ns", "modification time"), ("format", "format")):
+            if was[key] != now[key]:
+                return f"input {path} changed: {what} {was[key]} -> {now[key]}"
+    for key in JOB_KEYS:
+        if key in ("inputs", "kalm_mlx_version"):
+            continue
+        if key in ("models", "options"):
+            was, now = old[key], new[key]
+            if key == "models":
+                was = {m["model"]: m for m in was}
+                now = {m["model"]: m for m in now}
+                if list(was) != list(now):
+                    return f"models {', '.join(was)} -> {', '.join(now)}"
+                for name in was:
+                    for field_name in now[name]:
+                        if field_name in was[name] and was[name][field_name] != now[name][field_name]:
+                            return (f"model {name}: {field_name} {was[name][field_name]!r} -> "
+                                    f"{now[name][field_name]!r}")
+                continue
+            for option in sorted(set(was) | set(now)):
+                if was.get(option) != now.get(option):
+                    return f"option {option}: {was.get(option)!r} -> {now.get(option)!r}"
+            continue
+        if old[key] != new[key]:
+            return f"{key}: {old[key]!r} -> {new[key]!r}"
+    return None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

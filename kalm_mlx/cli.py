@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a Hugging Face embedding checkpoint into a kalm-mlx folder.",
     )
     add_convert_arguments(convert)
+
+    index = commands.add_parser(
+        "index",
+        help="embed a corpus of files into Parquet shards (resumable; --ray for a Ray cluster)",
+        description="Embed every text of JSONL, Parquet, CSV/TSV or plain-text files (files, folders, "
+                    "globs) into OUT/part-NNNNN.parquet (id, optional text, one vector column per "
+                    "model) with OUT/_manifest.json. Run the same command again to resume.",
+    )
+    add_index_arguments(index)
     return parser
 
 
@@ -106,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_embed(args)
             if args.command == "models":
                 return run_models(args)
+            if args.command == "index":
+                return run_index(args)
             if args.command == "info":
                 return run_info(args)
             return run_convert(args)
@@ -262,6 +273,59 @@ def run_info(args: argparse.Namespace) -> int:
         print(json.dumps(report, ensure_ascii=False, indent=2))
     else:
         print("\n".join(report_lines(report)))
+    return 0
+
+
+# --- index ---------------------------------------------------------------------------------
+
+
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``index`` arguments (see :func:`kalm_mlx.corpus.embed_corpus`)."""
+    add = parser.add_argument
+    add("inputs", nargs="+", metavar="INPUT", help="files, folders or glob patterns")
+    add("-o", "--output", required=True, metavar="OUT", help="output folder")
+    add("-m", "--model", default=DEFAULT_MODEL, metavar="M[,M2...]",
+        help=f"model(s), comma-separated: one vector column each (default: {DEFAULT_MODEL})")
+    add("--kind", choices=["document", "query"],
+        help="use the models' document or query prompt (default: document; query with --instruction)")
+    add("--instruction", metavar="TEXT", help="query instruction or task name; implies --kind query")
+    add("--dim", type=int, metavar="N", help="keep the first N dimensions (Matryoshka)")
+    add("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype")
+    add("--text-column", default="text", metavar="NAME", help="column or JSON field of the texts (default: text)")
+    add("--id-column", metavar="NAME", help="column of the row ids (default: FILE:ROW)")
+    add("--keep-text", action="store_true", help="write the texts next to the vectors")
+    add("--shard-rows", type=int, default=10_000, metavar="N", help="rows per Parquet shard (default: 10000)")
+    add("--batch-size", type=int, default=32, metavar="N", help="texts per encoder batch (default: 32)")
+    add("--skip-bad-rows", action="store_true", help="skip and count unreadable rows instead of failing")
+    add("--force", action="store_true", help="start over when OUT holds a different job")
+    add("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    add("--ray", nargs="?", const="", metavar="ADDRESS",
+        help="run on Ray Data: a cluster's address, or none for RAY_ADDRESS or a local cluster")
+    add("--actors", type=int, default=1, metavar="N", help="with --ray: actors per model (default: 1)")
+    add("--num-cpus", type=float, default=1.0, help="with --ray: CPUs per actor (default: 1)")
+    add("--num-gpus", type=float, default=0.0, help="with --ray: GPUs per actor (default: 0)")
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """``kalm-mlx index``: embed a corpus into Parquet shards, here or on Ray Data."""
+    if args.ray is None and (args.actors, args.num_cpus, args.num_gpus) != (1, 1.0, 0.0):
+        raise ValueError("--actors, --num-cpus and --num-gpus need --ray")
+    options = {
+        "models": args.model, "kind": args.kind or ("query" if args.instruction is not None else "document"),
+        "instruction": args.instruction, "dim": args.dim, "dtype": args.dtype, "keep_text": args.keep_text,
+        "shard_rows": args.shard_rows, "text_column": args.text_column, "id_column": args.id_column,
+        "skip_bad_rows": args.skip_bad_rows, "force": args.force, "batch_size": args.batch_size,
+        "progress": not args.quiet,
+    }
+    if args.ray is None:
+        from .corpus import embed_corpus  # pyarrow: loaded only for this command
+
+        embed_corpus(args.inputs, args.output, **options)
+    else:
+        from .ray import embed_corpus as embed_corpus_on_ray  # the ray extra
+
+        embed_corpus_on_ray(args.inputs, args.output, address=args.ray or None, concurrency=args.actors,
+                            num_cpus=args.num_cpus, num_gpus=args.num_gpus, **options)
     return 0
 
 

@@ -53,21 +53,43 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+INPUT_FORMS = ("a non-empty string, a non-empty list of non-empty strings, a list of token ids "
+               "(integers >= 0), or a list of such lists")
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _location(loc) -> list[str | int]:
+    """Field names and list indices of an error location, without pydantic's union branch tags."""
+    out: list[str | int] = []
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+        elif part != "body" and "[" not in part and "-" not in part and part not in _TYPE_TAGS:
+            out.append(part)
+    return out
+
+
+def _where(loc: list[str | int]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "body"
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """(a readable message, the parameter) for the first problem pydantic found."""
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    # A union (input: str | list[str] | ...) reports each branch; name the field only.
-    param = loc[0] if loc else None
-    where = ".".join(loc) if loc else "body"
-    message = f"{where}: {first.get('msg', 'invalid value')}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    loc = _location(first.get("loc", ()))
+    param = loc[0] if loc and isinstance(loc[0], str) else None
+    message = f"{_where(loc)}: {first.get('msg', 'invalid value')}"
+    if param == "input" and len(errors) > 1:  # the union of input forms reports every branch
+        message = f"input must be {INPUT_FORMS}; {message}"
     return message, param
 
 
@@ -77,6 +99,9 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     message, param = validation_message(exc)
+    content_type = request.headers.get("content-type", "")
+    if request.method == "POST" and "json" not in content_type:
+        message = f"send a JSON body with Content-Type: application/json (got {content_type or 'none'}); {message}"
     return error_response(400, message, param, "invalid_request")
 
 
@@ -88,7 +113,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         message = f"{request.method} is not allowed on {request.url.path}"
     else:
         message = str(exc.detail)
-    return error_response(status, message, None, None, getattr(exc, "headers", None))
+    code = "request_too_large" if status == 413 else None
+    return error_response(status, message, None, code, getattr(exc, "headers", None))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

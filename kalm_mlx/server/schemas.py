@@ -7,6 +7,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr, field_validator
 
+# pydantic refuses a str holding a lone UTF-16 surrogate ("unable to parse raw data as a
+# unicode string"), so such texts are a 400 before they reach a tokenizer.
 Text = Annotated[StrictStr, Field(min_length=1)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]

@@ -105,7 +105,7 @@ class Settings:
     @classmethod
     def smoke(cls) -> "Settings":
         """Tiny counts on a tiny model, for the smoke test: every part once, counts not time-capped."""
-        return cls(mode="smoke", concurrencies=(1, 4), minilm_payloads=("single", "32 texts"), rounds=1,
+        return cls(mode="smoke", concurrencies=(1, 16), rounds=1,
                    max_requests=8, kalm_time_cap_s=120.0, minilm_time_cap_s=120.0, text_pool=128,
                    ceiling_batch=4, direct_runs=3, bulk_clients=1, bulk_texts=10, priority_probes=3,
                    priority_time_cap_s=120.0, minilm_priority=False)

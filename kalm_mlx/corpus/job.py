@@ -24,7 +24,7 @@ from .. import __version__, load
 from ..ensemble import Ensemble
 from .encoding import KINDS, embed_texts, job_prompt
 from .manifest import MANIFEST, Manifest, job_difference, read_manifest
-from .readers import Bad, BadRowError, InputFile, count_records, find_inputs, read_records
+from .readers import Bad, BadRowError, InputFile, check_columns, count_records, find_inputs, read_records
 from .shards import Embedded, ShardCutter, ShardWriter, shard_schema
 
 DEFAULT_SHARD_ROWS = 10_000
@@ -188,6 +188,8 @@ class JobPlan:
         if id_column is not None and any(f.format == "text" for f in files):
             raise ValueError(f"plain text inputs have no columns, so no id column {id_column!r}: "
                              f"{next(f.path for f in files if f.format == 'text')}")
+        for source in files:
+            check_columns(source, text_column, id_column)
         ensemble = Ensemble(names, loader=functools.partial(load, dtype=dtype))
         options = {"text_column": text_column, "id_column": id_column, "keep_text": bool(keep_text),
                    "shard_rows": shard_rows, "skip_bad_rows": bool(skip_bad_rows)}

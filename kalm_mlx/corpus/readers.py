@@ -141,6 +141,30 @@ def count_records(source: InputFile) -> int:
     return max(lines - 1, 0) if source.format in ("csv", "tsv") else lines
 
 
+def check_columns(source: InputFile, text_column: str = "text", id_column: str | None = None) -> None:
+    """Raise ValueError naming the file if a Parquet, CSV or TSV input lacks a column or holds a
+    non-text type in it (JSONL rows are checked one by one as they are read)."""
+    if source.format == "parquet":
+        schema = pq.ParquetFile(source.path).schema_arrow
+        for column in [text_column] + ([id_column] if id_column else []):
+            if column not in schema.names:
+                raise _column_error(source, column, schema.names)
+        _check_text_type(schema.field(text_column).type, source, text_column)
+        if id_column and not pa.types.is_integer(schema.field(id_column).type):
+            _check_text_type(schema.field(id_column).type, source, id_column)
+    elif source.format in ("csv", "tsv"):
+        names = _open_csv(source, [], lambda row: "skip").schema.names
+        for column in [text_column] + ([id_column] if id_column else []):
+            if column not in names:
+                raise _column_error(source, column, names)
+
+
+def _check_text_type(kind: pa.DataType, source: InputFile, column: str) -> None:
+    if not any(test(kind) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                       pa.types.is_large_binary)):
+        raise ValueError(f"{source.path}: column {column!r} holds {kind}, not text")
+
+
 def read_records(source: InputFile, text_column: str = "text", id_column: str | None = None,
                  start: int = 0) -> Iterator[tuple[int, str | Bad, str]]:
     """``(record number, text or Bad, id)`` for each record of an input after the first ``start``.
@@ -242,11 +266,9 @@ def _column_error(source: InputFile, column: str, names: Sequence[str]) -> Value
 
 def _as_binary(array: pa.ChunkedArray | pa.Array, source: InputFile, column: str) -> list:
     """A text column's values as bytes (None for nulls); a non-text column is an error."""
-    kind = array.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    _check_text_type(array.type, source, column)
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
         array = array.cast(pa.large_binary())
-    elif not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-        raise ValueError(f"{source.path}: column {column!r} holds {kind}, not text")
     return array.to_pylist()
 
 
@@ -278,12 +300,9 @@ def _table_records(source: InputFile, batches, text_column: str, id_column: str 
 
 
 def _read_parquet(source: InputFile, text_column: str, id_column: str | None, start: int):
+    check_columns(source, text_column, id_column)
     parquet = pq.ParquetFile(source.path)
-    names = parquet.schema_arrow.names
     columns = [text_column] + ([id_column] if id_column else [])
-    for column in columns:
-        if column not in names:
-            raise _column_error(source, column, names)
     # Skip the row groups before ``start`` without reading them.
     groups, first = [], 0
     for group in range(parquet.num_row_groups):
@@ -308,11 +327,8 @@ def _read_csv(source: InputFile, text_column: str, id_column: str | None, start:
         malformed[row.number - 1] = f"has {row.actual_columns} fields, expected {row.expected_columns}"
         return "skip"
 
+    check_columns(source, text_column, id_column)
     columns = [text_column] + ([id_column] if id_column else [])
-    names = _open_csv(source, [], lambda row: "skip").schema.names
-    for column in columns:
-        if column not in names:
-            raise _column_error(source, column, names)
     reader = _open_csv(source, columns, invalid_row)
     records = _table_records(source, _csv_batches(reader, source), text_column, id_column, 1, malformed)
     last = 0

@@ -350,7 +350,7 @@ def test_engram_clients_under_16_concurrent_clients(server, library):
     def client_run(worker: int) -> np.ndarray:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             kind = worker % 4
-            for round_ in range(3):
+            for round_ in range(2):
                 if kind == 0:
                     memory_api_store(client, f"memory {worker} {round_}")
                 elif kind == 1:

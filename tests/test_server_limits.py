@@ -170,7 +170,7 @@ def test_bearer_token_and_key_comparison():
 def test_sigterm_lets_a_long_request_finish_and_exits_0(tiny_home, hf_cache, library, tmp_path):
     env = offline_environ(tiny_home, hf_cache, EMBED_MODELS="minilm", EMBED_LOG_FORMAT="json")
     process = ServerProcess(env, args=["--preload", "--no-batching"], log_path=tmp_path / "server.log")
-    texts = [f"text {i} " + "a long text to keep the server busy for a while " * 6 for i in range(256)]
+    texts = [f"text {i} " + "a long text to keep the server busy for a while " * 6 for i in range(128)]
     try:
         process.start()
         health = httpx.get(f"{process.url}/health").json()
@@ -192,6 +192,10 @@ def test_sigterm_lets_a_long_request_finish_and_exits_0(tiny_home, hf_cache, lib
     finally:
         process.stop()
     assert process.returncode == 0, process.read_log()[-2000:]
+    records = process.log_records()
+    shutdown = next(i for i, r in enumerate(records) if r["msg"] == "Shutting down")
+    served = next(i for i, r in enumerate(records) if r.get("path") == "/v1/embeddings")
+    assert served > shutdown and records[served]["status"] == 200  # answered after SIGTERM
     response = outcome["response"]
     assert response.status_code == 200
     got = np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)

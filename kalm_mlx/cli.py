@@ -98,7 +98,36 @@ def build_parser() -> argparse.ArgumentParser:
                     "model) with OUT/_manifest.json. Run the same command again to resume.",
     )
     add_index_arguments(index)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP embedding server (OpenAI's and engram-embed's API)",
+        description="Serve the models of EMBED_MODELS over HTTP: POST /v1/embeddings, POST /v1/rank, "
+                    "GET /v1/models, /health, /metrics. Flags override the variables named in brackets.",
+    )
+    add_serve_arguments(serve)
     return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``serve`` options; each overrides the environment variable named in its help."""
+    add = parser.add_argument
+    add("--host", help="address to listen on [EMBED_HOST] (default 127.0.0.1)")
+    add("--port", type=int, help="port [PORT] (default 8080)")
+    add("--models", help="comma list of models, first = default, or all [EMBED_MODELS] (default bge-base)")
+    add("--api-key", help="require Authorization: Bearer KEY except on /health [EMBED_API_KEY]")
+    add("--preload", action="store_true", default=None,
+        help="load and warm every model before the port opens [EMBED_PRELOAD=on] (default: on first use)")
+    add("--max-inputs", type=int, metavar="N", help="inputs per request [EMBED_MAX_INPUTS] (default 2048)")
+    add("--max-body-bytes", metavar="SIZE", help="request body limit, e.g. 32MB [EMBED_MAX_BODY_BYTES]")
+    add("--max-queued-texts", type=int, metavar="N",
+        help="texts waiting beyond which requests get 503 + Retry-After [EMBED_MAX_QUEUED_TEXTS] (default 8192)")
+    add("--max-batch-size", type=int, metavar="N", help="texts per encoder batch [EMBED_MAX_BATCH_SIZE] (default 32)")
+    add("--batch-wait-ms", type=float, metavar="MS",
+        help="how long a batch that is not full may wait for more texts [EMBED_BATCH_WAIT_MS] (default 2)")
+    add("--no-batching", dest="batching", action="store_false", default=None,
+        help="one request at a time per model, as engram-embed [EMBED_BATCHING=off]")
+    add("--log-format", choices=["text", "json"], help="log lines as text or JSON [EMBED_LOG_FORMAT]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_index(args)
             if args.command == "info":
                 return run_info(args)
+            if args.command == "serve":
+                from .server.run import serve_command  # the serve extra: fastapi, uvicorn
+
+                return serve_command(args)
             return run_convert(args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,6 +3,7 @@
     python -m benchmarks            # full run, ~13 minutes on a quiet 2-core x86; writes benchmarks/results/
     python -m benchmarks --quick    # a few minutes; writes benchmarks/results/tmp/ (not committed)
     python -m benchmarks serve ...  # the HTTP server under load: see :mod:`benchmarks.serve`
+    python -m benchmarks index ...  # the corpus job against encode(), and on Ray: see :mod:`benchmarks.index`
 
 By default the model is a random checkpoint of KaLM-Embedding-V2's shape, generated on
 first use and cached in ``$KALM_MLX_BENCH_CACHE`` or ``~/.cache/kalm-mlx-bench``
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["index"]:
+        from benchmarks.index import main as index_main
+
+        return index_main(argv[1:])
     args = build_parser().parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from benchmarks import checkpoint, report

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import load
 from .corpus.encoding import embed_texts, job_prompt
-from .corpus.job import CHUNK_ROWS, JobPlan, ShardSink, run_job
+from .corpus.job import JobPlan, ShardSink, run_job
 from .corpus.manifest import Manifest
 from .corpus.readers import BATCH_ROWS, Bad, BadRowError, read_records
 from .corpus.shards import Embedded
@@ -31,6 +31,9 @@ import itertools
 
 __all__ = ["Embed", "embed_corpus"]
 
+RAY_BATCH_ROWS = 512
+"""Rows per actor call: smaller than the single-machine job's calls (which pad less) so
+that a few thousand rows already keep several actors busy."""
 INPUT, ROW, BAD = "_input", "_row", "_bad"
 """Bookkeeping columns of the job's dataset: input index, record number, unreadable row."""
 
@@ -129,7 +132,7 @@ def _job_dataset(plan: JobPlan, manifest: Manifest, concurrency: int, num_cpus: 
     dataset = dataset.map_batches(read, batch_size=1, num_cpus=0.1)
     for model in plan.models:
         dataset = dataset.map_batches(
-            Embed, batch_size=CHUNK_ROWS, compute=ray.data.ActorPoolStrategy(size=concurrency),
+            Embed, batch_size=RAY_BATCH_ROWS, compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_cpus=num_cpus, num_gpus=num_gpus,
             fn_constructor_kwargs={"model": model["model"], "kind": plan.kind,
                                    "instruction": plan.instruction, "dim": plan.dim, "dtype": plan.dtype,

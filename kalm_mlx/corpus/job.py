@@ -29,9 +29,11 @@ from .shards import Embedded, ShardCutter, ShardWriter, shard_schema
 
 DEFAULT_SHARD_ROWS = 10_000
 """Rows per Parquet shard: at most this many texts are encoded again after a kill."""
-CHUNK_ROWS = 512
-"""Texts per encode call: large enough to sort into well-filled batches, small enough for
-a lively progress bar."""
+CHUNK_ROWS = 2048
+"""Texts per encode call. ``encode()`` sorts a call's texts by length into batches, so a
+larger call pads less: on a long-tailed corpus, calls of 512 texts cost 8 % more padded
+tokens than one call on everything, calls of 2048 about 1 %. The progress bar moves once
+per call."""
 QUEUE_CHUNKS = 4
 """Chunks the reader may hold ready ahead of the encoder."""
 DTYPES = ("float32", "float16", "bfloat16")

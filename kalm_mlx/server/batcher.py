@@ -311,8 +311,10 @@ class Batcher:
     texts per batch (the token budget is each embedder's ``max_batch_tokens``);
     ``max_queued_texts`` bounds the texts waiting (beyond it :meth:`submit` raises
     :class:`QueueFullError`, except into an empty queue); ``batch_wait`` is how long
-    (seconds) the worker may wait for more texts to fill a batch that is not full, counted
-    from the oldest entry's arrival; ``batching=False`` encodes one job at a time, whole.
+    (seconds) the worker may wait for more texts, counted from the oldest entry's arrival,
+    when a batch would be smaller than the model's previous one (under steady concurrent
+    load the next requests are on their way; a lone client never waits); ``batching=False``
+    encodes one job at a time, whole.
     ``on_batch`` is called (on the worker thread) with each batch's :class:`BatchStats`.
     """
 
@@ -341,6 +343,7 @@ class Batcher:
         self._pending_texts = 0  # texts of jobs not tokenised yet
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._last_batch_size: dict[str, int] = {}
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -451,13 +454,16 @@ class Batcher:
             if not self.batching:
                 return model, self._entries.take_job(model)
             budget = self.info[model].max_batch_tokens
-            _, full = self._entries.plan(model, self.max_batch_size, budget)
-            if not (full or recall) and self.batch_wait > 0:
+            count, full = self._entries.plan(model, self.max_batch_size, budget)
+            expecting = count < self._last_batch_size.get(model, 0)
+            if expecting and not (full or recall) and self.batch_wait > 0:
                 remaining = self._entries.oldest_enqueued() + self.batch_wait - time.perf_counter()
                 if remaining > 0:
                     self._cond.wait(remaining)  # new jobs wake the worker to tokenise them
                     return None
-            return model, self._entries.take(model, self.max_batch_size, budget)
+            batch = self._entries.take(model, self.max_batch_size, budget)
+            self._last_batch_size[model] = len(batch)
+            return model, batch
 
     def _prepare_all(self, tickets: list[Ticket]) -> None:
         """Tokenise the new jobs, a model at a time (recall jobs came first), and queue their texts."""

@@ -77,8 +77,8 @@ class Settings:
     rounds: int = 2
     max_requests: int = 2000
     """Timed requests per point at most (the time cap usually ends a point first)."""
-    kalm_time_cap_s: float = 20.0
-    minilm_time_cap_s: float = 6.0
+    kalm_time_cap_s: float = 15.0
+    minilm_time_cap_s: float = 5.0
     warmup_per_client: int = 1
     text_pool: int = 2048
     ceiling_batch: int = 16

@@ -200,3 +200,29 @@ def test_sigterm_lets_a_long_request_finish_and_exits_0(tiny_home, hf_cache, lib
     assert response.status_code == 200
     got = np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
     assert np.abs(got - library["minilm"].encode(texts)).max() < 1e-6
+
+
+def test_a_model_that_cannot_be_loaded_answers_503_saying_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("KALM_MLX_HOME", str(tmp_path / "empty-home"))
+    app = create_app(Ensemble(["gte-base"]))
+    batcher = app.state.server.batcher
+    batcher.start()
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            first = await client.post("/v1/embeddings", json={"input": "x", "model": "gte"})
+            health = await client.get("/health")
+            return first, health
+
+    try:
+        response, health = asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    assert response.status_code == 503 and response.headers["retry-after"]
+    error = response.json()["error"]
+    assert error["code"] == "model_unavailable" and "gte-base cannot be loaded" in error["message"]
+    assert "offline" in error["message"].lower() or "HF_HUB_OFFLINE" in error["message"]
+    assert health.status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from ..ensemble import Ensemble
 from ..settings import Settings, parse_byte_size
 from .access import configure_logging
 from .app import create_app
+from .batcher import InputError, ModelUnavailableError
 from .config import ServerConfig
 
 logger = logging.getLogger("kalm_mlx.server")
@@ -51,24 +53,42 @@ def serve(config: ServerConfig, settings: Settings, exit_process: bool = False) 
         logger.warning("listening on %s without an API key: anyone who can reach this port can use "
                        "it (set EMBED_API_KEY or --api-key)", config.host)
     ensemble = Ensemble.from_settings(settings)
-    app = create_app(ensemble, config)
-    server = build_uvicorn_server(app, config)
-    logger.info("kalm-mlx serve on http://%s:%d: models %s (default %s), batching %s",
-                config.host, config.port, ", ".join(ensemble.models), ensemble.default_model,
-                "on" if config.batching else "off")
-    previous = {sig: signal.signal(sig, _absorb) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    status = 0 if server.started else 1
+    # Preloading here rather than in the app's lifespan turns a model that cannot be loaded
+    # into one clear error line and status 2, before the port opens.
+    app = create_app(ensemble, dataclasses.replace(config, preload=False))
+    status = _preload(app, ensemble.models) if config.preload else 0
+    if status == 0:
+        server = build_uvicorn_server(app, config)
+        logger.info("kalm-mlx serve on http://%s:%d: models %s (default %s), batching %s",
+                    config.host, config.port, ", ".join(ensemble.models), ensemble.default_model,
+                    "on" if config.batching else "off")
+        previous = {sig: signal.signal(sig, _absorb) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            server.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        status = 0 if server.started else 1
     if exit_process:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
     return status
+
+
+def _preload(app, models) -> int:
+    """Load and warm ``models`` on the app's batcher thread; 0, or 2 after logging why one failed."""
+    batcher = app.state.server.batcher
+    batcher.start()
+    logger.info("preloading %s", ", ".join(models))
+    try:
+        batcher.preload(models)
+    except (ModelUnavailableError, InputError) as err:
+        logger.error("--preload: %s", err)
+        batcher.stop()
+        return 2
+    return 0
 
 
 def _absorb(signum, frame) -> None:

@@ -107,6 +107,7 @@ def run_on_ray(plan: JobPlan, manifest: Manifest, progress: bool, *, address: st
     if started:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     try:
+        check_resources(num_cpus, num_gpus)
         dataset = _job_dataset(plan, manifest, concurrency, num_cpus, num_gpus)
         with ShardSink(plan, manifest, progress) as sink:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -115,6 +116,18 @@ def run_on_ray(plan: JobPlan, manifest: Manifest, progress: bool, *, address: st
     finally:
         if started:
             ray.shutdown()
+
+
+def check_resources(num_cpus: float, num_gpus: float) -> None:
+    """Raise ValueError if no node of the Ray cluster has ``num_cpus`` CPUs and ``num_gpus`` GPUs
+    (an actor asking for more would wait for ever)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if not any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes):
+        have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes)
+        raise ValueError(f"no Ray node has {num_cpus:g} CPUs and {num_gpus:g} GPUs for an actor "
+                         f"(nodes: {have or 'none'})")
 
 
 def _job_dataset(plan: JobPlan, manifest: Manifest, concurrency: int, num_cpus: float, num_gpus: float):
@@ -129,7 +142,8 @@ def _job_dataset(plan: JobPlan, manifest: Manifest, concurrency: int, num_cpus: 
     read = functools.partial(_read_input, plan.inputs, plan.options["text_column"],
                              plan.options["id_column"], plan.options["skip_bad_rows"])
     dataset = ray.data.from_items(tasks, override_num_blocks=max(len(tasks), 1))
-    dataset = dataset.map_batches(read, batch_size=1, num_cpus=0.1)
+    # Reading takes no CPU of its own: an actor pool holding every CPU must not starve it.
+    dataset = dataset.map_batches(read, batch_size=1, num_cpus=0)
     for model in plan.models:
         dataset = dataset.map_batches(
             Embed, batch_size=RAY_BATCH_ROWS, compute=ray.data.ActorPoolStrategy(size=concurrency),

@@ -86,3 +86,11 @@ def test_embed_in_a_users_pipeline_matches_encode(cluster, model, tmp_path):
     assert got.dtype == np.float32 and got.shape == (30, 64)
     assert np.abs(got - kalm_mlx.load(model).encode_queries(texts)).max() < 1e-6
     assert [row["text"] for row in rows] == texts
+
+
+def test_an_actor_larger_than_any_node_is_refused(cluster, model, tmp_path):
+    from kalm_mlx.ray import embed_corpus as embed_corpus_on_ray
+
+    (tmp_path / "in.txt").write_text("one\n")
+    with pytest.raises(ValueError, match=r"no Ray node has 3 CPUs and 0 GPUs for an actor \(nodes: 2 CPU/0 GPU\)"):
+        embed_corpus_on_ray(tmp_path / "in.txt", tmp_path / "out", str(model), num_cpus=3, progress=False)

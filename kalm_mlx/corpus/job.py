@@ -212,18 +212,15 @@ class JobPlan:
         previous = None if self.force or not has_manifest else read_manifest(self.output)
         if previous is None or not previous.shards:
             return None  # nothing done yet: start afresh
-        self._refuse_if_different(previous.job, self.job(with_models=False))
+        self._refuse_if_different(previous.job)
         return previous
 
     def _own_files(self) -> set[str]:
         return {MANIFEST} | {p.name for p in self.output.glob("part-*.parquet")} | {
             p.name for p in self.output.glob(".*.tmp")}
 
-    def _refuse_if_different(self, old: dict, new: dict) -> None:
-        if not new["models"]:
-            old = {**old, "models": [{"model": m["model"]} for m in old["models"]]}
-            new = {**new, "models": [{"model": m} for m in self.ensemble.models]}
-        difference = job_difference(old, new)
+    def _refuse_if_different(self, old: dict) -> None:
+        difference = job_difference(old, self.job())
         if difference is not None:
             raise ValueError(f"{self.output} holds a different job ({difference}); "
                              "use --force to start over")
@@ -241,12 +238,13 @@ class JobPlan:
                                     "prompt": job_prompt(embedder, self.kind, self.instruction)})
                 columns.add(column)
         if self.previous is not None:
-            self._refuse_if_different(self.previous.job, self.job())
+            self._refuse_if_different(self.previous.job)
 
-    def job(self, with_models: bool = True) -> dict:
-        """The manifest's description of this job."""
+    def job(self) -> dict:
+        """The manifest's description of this job (models by name only until they are loaded)."""
+        models = self.models or [{"model": name} for name in self.ensemble.models]
         return {"kalm_mlx_version": __version__, "kind": self.kind, "instruction": self.instruction,
-                "dim": self.dim, "dtype": self.dtype, "models": self.models if with_models else [],
+                "dim": self.dim, "dtype": self.dtype, "models": models,
                 "options": self.options, "inputs": [f.describe() for f in self.inputs]}
 
     def open_output(self) -> Manifest:

@@ -34,7 +34,7 @@ class Shard:
     """Tokens encoded per model (prompt and special tokens included, after truncation)."""
     truncated: dict[str, int] = field(default_factory=dict)
     empty: int = 0
-    """Texts with no tokens (all-zero vectors, as ``encode()`` gives them)."""
+    """Texts with no tokens for some model (all-zero vectors, as ``encode()`` gives them)."""
     bad_rows: int = 0
     """Rows skipped as unreadable (``skip_bad_rows``)."""
 
@@ -115,30 +115,21 @@ def job_difference(old: dict, new: dict) -> str | None:
     if list(old_inputs) != list(new_inputs):
         return "the inputs are in a different order"
     for path, was in old_inputs.items():
-        now = new_inputs[path]
         for key, what in (("size", "size"), ("mtime_ns", "modification time"), ("format", "format")):
+            if was[key] != new_inputs[path][key]:
+                return f"input {path} changed: {what} {was[key]} -> {new_inputs[path][key]}"
+    old_models = [m["model"] for m in old["models"]]
+    new_models = [m["model"] for m in new["models"]]
+    if old_models != new_models:
+        return f"models {', '.join(old_models)} -> {', '.join(new_models)}"
+    for was, now in zip(old["models"], new["models"]):
+        for key in now.keys() & was.keys():
             if was[key] != now[key]:
-                return f"input {path} changed: {what} {was[key]} -> {now[key]}"
-    for key in JOB_KEYS:
-        if key in ("inputs", "kalm_mlx_version"):
-            continue
-        if key in ("models", "options"):
-            was, now = old[key], new[key]
-            if key == "models":
-                was = {m["model"]: m for m in was}
-                now = {m["model"]: m for m in now}
-                if list(was) != list(now):
-                    return f"models {', '.join(was)} -> {', '.join(now)}"
-                for name in was:
-                    for field_name in now[name]:
-                        if field_name in was[name] and was[name][field_name] != now[name][field_name]:
-                            return (f"model {name}: {field_name} {was[name][field_name]!r} -> "
-                                    f"{now[name][field_name]!r}")
-                continue
-            for option in sorted(set(was) | set(now)):
-                if was.get(option) != now.get(option):
-                    return f"option {option}: {was.get(option)!r} -> {now.get(option)!r}"
-            continue
+                return f"model {now['model']}: {key} {was[key]!r} -> {now[key]!r}"
+    for option in sorted(old["options"].keys() | new["options"].keys()):
+        if old["options"].get(option) != new["options"].get(option):
+            return f"option {option}: {old['options'].get(option)!r} -> {new['options'].get(option)!r}"
+    for key in ("kind", "instruction", "dim", "dtype"):
         if old[key] != new[key]:
             return f"{key}: {old[key]!r} -> {new[key]!r}"
     return None

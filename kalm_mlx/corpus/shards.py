@@ -145,7 +145,7 @@ def shard_record(index: int, parts: list[Embedded], bad_rows: int) -> Shard:
         SHARD_PATTERN.format(index), sum(len(p) for p in parts), (last.input_index, last.end),
         {c: int(sum(int(p.tokens[c].sum()) for p in parts)) for c in columns},
         {c: int(sum(int(p.truncated[c].sum()) for p in parts)) for c in columns},
-        sum(int((p.tokens[next(iter(columns))] == 0).sum()) for p in parts), bad_rows)
+        max(sum(int((p.tokens[c] == 0).sum()) for p in parts) for c in columns), bad_rows)
 
 
 class ShardWriter:

@@ -124,7 +124,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="texts waiting beyond which requests get 503 + Retry-After [EMBED_MAX_QUEUED_TEXTS] (default 8192)")
     add("--max-batch-size", type=int, metavar="N", help="texts per encoder batch [EMBED_MAX_BATCH_SIZE] (default 32)")
     add("--batch-wait-ms", type=float, metavar="MS",
-        help="how long a batch that is not full may wait for more texts [EMBED_BATCH_WAIT_MS] (default 2)")
+        help="how long a batch may wait for the clients the last one answered [EMBED_BATCH_WAIT_MS] (default 5)")
     add("--no-batching", dest="batching", action="store_false", default=None,
         help="one request at a time per model, as engram-embed [EMBED_BATCHING=off]")
     add("--log-format", choices=["text", "json"], help="log lines as text or JSON [EMBED_LOG_FORMAT]")

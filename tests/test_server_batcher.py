@@ -350,3 +350,23 @@ def test_unbatched_mode_encodes_one_job_at_a_time(small_model):
     finally:
         batcher.stop()
     np.testing.assert_allclose(result.vectors, small_model.encode(TEXTS), atol=1e-6)
+
+
+def test_free_worker_waits_for_the_clients_its_last_batch_answered():
+    pool = FakePool(a=FakeEmbedder("a", max_batch_tokens=1000))
+    batcher = Batcher(pool, max_batch_size=32, batch_wait=1.0)
+    pool.gate.clear()
+    batcher.start()
+    try:
+        first = [batcher.submit(EmbedJob(model="a", texts=[f"first {i}"])) for i in range(2)]
+        pool.gate.set()
+        assert all(t.done.wait(10) for t in first)
+        # Two clients were answered; the first to come back waits for the other.
+        again = [batcher.submit(EmbedJob(model="a", texts=[f"again {i}"])) for i in range(2)]
+        assert all(t.done.wait(10) for t in again)
+        # More texts queued than clients answered: no waiting.
+        bulk = batcher.submit(EmbedJob(model="a", texts=["b"] * 3))
+        assert bulk.done.wait(10)
+    finally:
+        batcher.stop()
+    assert [len(batch) for batch in pool.embedders["a"].batches] == [2, 2, 3]

@@ -211,6 +211,11 @@ class EntryQueue:
     def __len__(self) -> int:
         return self._count
 
+    def count(self, model: str) -> int:
+        """Entries queued for ``model``."""
+        lanes = self._lanes.get(model)
+        return len(lanes[0]) + len(lanes[1]) if lanes else 0
+
     def push(self, model: str, entries: Sequence[Entry], recall: bool = False) -> None:
         """Queue ``entries`` (in order) for ``model``, in the recall lane or the normal one."""
         lanes = self._lanes.setdefault(model, (deque(), deque()))
@@ -310,16 +315,17 @@ class Batcher:
     manager that holds a loaded :class:`~kalm_mlx.Embedder`). ``max_batch_size`` caps the
     texts per batch (the token budget is each embedder's ``max_batch_tokens``);
     ``max_queued_texts`` bounds the texts waiting (beyond it :meth:`submit` raises
-    :class:`QueueFullError`, except into an empty queue); ``batch_wait`` is how long
-    (seconds) the worker may wait for more texts, counted from the oldest entry's arrival,
-    when a batch would be smaller than the model's previous one (under steady concurrent
-    load the next requests are on their way; a lone client never waits); ``batching=False``
-    encodes one job at a time, whole.
+    :class:`QueueFullError`, except into an empty queue); ``batch_wait`` is the longest
+    (seconds, from when the worker became free) it waits for the next requests of the
+    clients its last batch answered, as long as the batch is not full: under steady
+    concurrent load they are on their way and a fuller batch costs little more than a
+    small one, while a lone client, or a bulk request spread over many batches, never
+    waits. ``batching=False`` encodes one job at a time, whole.
     ``on_batch`` is called (on the worker thread) with each batch's :class:`BatchStats`.
     """
 
     def __init__(self, models: ModelPool, *, max_batch_size: int = 32, max_queued_texts: int = 8192,
-                 batch_wait: float = 0.002, batching: bool = True,
+                 batch_wait: float = 0.005, batching: bool = True,
                  on_batch: Callable[[BatchStats], None] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
@@ -343,7 +349,9 @@ class Batcher:
         self._pending_texts = 0  # texts of jobs not tokenised yet
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._last_batch_size: dict[str, int] = {}
+        self._free_since = time.perf_counter()  # when the worker finished its last batch
+        self._returning: dict[str, int] = {}  # texts of the jobs the last batch of a model finished
+        self._queued_when_free: dict[str, int] = {}
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -441,7 +449,12 @@ class Batcher:
                 continue
             batch = self._next_batch()
             if batch:
-                self._encode(*batch)
+                finished = self._encode(*batch)
+                with self._cond:
+                    self._free_since = time.perf_counter()
+                    self._returning = {batch[0]: finished}
+                    pending = sum(t.job.size for t in self._jobs if t.job.model == batch[0])
+                    self._queued_when_free = {batch[0]: self._entries.count(batch[0]) + pending}
 
     def _next_batch(self) -> tuple[str, list[Entry]] | None:
         """The next batch to encode, or None after waiting a little for more texts."""
@@ -454,16 +467,15 @@ class Batcher:
             if not self.batching:
                 return model, self._entries.take_job(model)
             budget = self.info[model].max_batch_tokens
-            count, full = self._entries.plan(model, self.max_batch_size, budget)
-            expecting = count < self._last_batch_size.get(model, 0)
+            _, full = self._entries.plan(model, self.max_batch_size, budget)
+            expected = self._queued_when_free.get(model, 0) + self._returning.get(model, 0)
+            expecting = self._entries.count(model) < expected
             if expecting and not (full or recall) and self.batch_wait > 0:
-                remaining = self._entries.oldest_enqueued() + self.batch_wait - time.perf_counter()
+                remaining = self._free_since + self.batch_wait - time.perf_counter()
                 if remaining > 0:
                     self._cond.wait(remaining)  # new jobs wake the worker to tokenise them
                     return None
-            batch = self._entries.take(model, self.max_batch_size, budget)
-            self._last_batch_size[model] = len(batch)
-            return model, batch
+            return model, self._entries.take(model, self.max_batch_size, budget)
 
     def _prepare_all(self, tickets: list[Ticket]) -> None:
         """Tokenise the new jobs, a model at a time (recall jobs came first), and queue their texts."""
@@ -590,7 +602,8 @@ class Batcher:
                     return index
         raise AssertionError("a text was truncated but none reached the limit")
 
-    def _encode(self, model: str, batch: list[Entry]) -> None:
+    def _encode(self, model: str, batch: list[Entry]) -> int:
+        """Encode one batch and hand out its vectors; returns the texts of the jobs it finished."""
         start = time.perf_counter()
         try:
             with self.models.use(model) as embedder:
@@ -609,17 +622,20 @@ class Batcher:
             for ticket in {id(e.ticket): e.ticket for e in batch}.values():
                 ticket.cancel()  # its other texts are not worth encoding now
                 ticket.settle(err)
-            return
+            return 0
         seconds = time.perf_counter() - start
         self.last_batch_time = time.time()
+        finished = 0
         for entry, vector in zip(batch, vectors):
             ticket = entry.ticket
             ticket.vectors[entry.row] = vector
             ticket.remaining -= 1
             if ticket.remaining == 0 and not ticket.cancelled:
+                finished += ticket.job.size
                 ticket.settle(EmbedResult(model, ticket.vectors, ticket.tokens, ticket.truncated,
                                           time.perf_counter() - ticket.submitted))
         if self.on_batch is not None:
             lengths = [len(entry.ids) for entry in batch]
             self.on_batch(BatchStats(model, len(batch), sum(lengths), max(lengths) * len(batch),
                                      self.info[model].max_batch_tokens, seconds))
+        return finished

@@ -35,8 +35,8 @@ class ServerConfig:
     """Texts waiting to be embedded beyond which requests are refused with 503 and Retry-After."""
     max_batch_size: int = 32
     """Texts per encoder batch (the token budget is the model's ``max_batch_tokens``)."""
-    batch_wait_ms: float = 2.0
-    """How long a batch that is not full may wait for more texts (from its oldest text's arrival)."""
+    batch_wait_ms: float = 5.0
+    """How long the free worker may wait for the clients its last batch answered (see :class:`Batcher`)."""
     batching: bool = True
     """False: one request at a time per model, encoded whole (engram-embed's design)."""
     log_format: str = "text"

@@ -8,7 +8,6 @@ tiny random Qwen2 encoders converted under registry names (``kalm-v2``, ``bge-ba
 from __future__ import annotations
 
 import base64
-import json
 import math
 import random
 from concurrent.futures import ThreadPoolExecutor

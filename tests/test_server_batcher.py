@@ -10,7 +10,6 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-import kalm_mlx
 from kalm_mlx.server.batcher import (
     Batcher,
     EmbedJob,
@@ -290,6 +289,7 @@ def test_embed_coroutine_and_cancellation_drop_the_texts():
     finally:
         batcher.stop()
     np.testing.assert_allclose(result.vectors[0], expected("hi"), rtol=1e-6)
+    np.testing.assert_allclose(after.vectors[0], expected("after"), rtol=1e-6)
     encoded = [bytes(seq).decode() for batch in pool.embedders["a"].batches for seq in batch]
     assert "never" not in encoded and encoded[-1] == "after"
 

@@ -501,7 +501,7 @@ class Batcher:
                         except (InputError, ValueError, TypeError) as err:
                             prepared.append((ticket, err if isinstance(err, InputError)
                                              else InputError(str(err), "input")))
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001  (the worker must outlive any load failure)
                 failure = err if held else ModelUnavailableError(f"model {model} cannot be loaded: {err}")
                 done = {id(t) for t, _ in prepared}
                 prepared.extend((t, failure) for t in live if id(t) not in done)
@@ -618,7 +618,7 @@ class Batcher:
                     finished = embedder.finish(pooled[positions], True, dims)
                     for position, vector in zip(positions, finished):
                         vectors[position] = vector
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  (handed to the waiters; the worker carries on)
             for ticket in {id(e.ticket): e.ticket for e in batch}.values():
                 ticket.cancel()  # its other texts are not worth encoding now
                 ticket.settle(err)

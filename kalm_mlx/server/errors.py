@@ -63,9 +63,8 @@ def _location(loc) -> list[str | int]:
     """Field names and list indices of an error location, without pydantic's union branch tags."""
     out: list[str | int] = []
     for part in loc:
-        if isinstance(part, int):
-            out.append(part)
-        elif part != "body" and "[" not in part and "-" not in part and part not in _TYPE_TAGS:
+        tag = isinstance(part, str) and (part == "body" or "[" in part or "-" in part or part in _TYPE_TAGS)
+        if not tag:
             out.append(part)
     return out
 

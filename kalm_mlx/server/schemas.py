@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr, field_validator
 
@@ -13,12 +13,12 @@ Text = Annotated[StrictStr, Field(min_length=1)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
-EmbeddingInput = Union[
-    Text,
-    Annotated[list[Text], Field(min_length=1)],
-    TokenIds,
-    Annotated[list[TokenIds], Field(min_length=1)],
-]
+EmbeddingInput = (
+    Text
+    | Annotated[list[Text], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
 
 INPUT_TYPES = {"query": "query", "document": "document",
                "search_query": "query", "search_document": "document"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Union
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
@@ -30,7 +30,7 @@ def split_input(value) -> tuple[list[str] | None, list[list[int]] | None]:
     return None, [list(ids) for ids in value]
 
 
-@router.post("/v1/embeddings", response_model=Union[EmbeddingList, EnsembleEmbeddingList], responses=ERRORS,
+@router.post("/v1/embeddings", response_model=EmbeddingList | EnsembleEmbeddingList, responses=ERRORS,
              summary="Embed texts (OpenAI-compatible; model \"*\" for every enabled model)")
 async def create_embeddings(
     body: EmbeddingRequest,

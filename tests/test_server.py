@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import math
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -270,10 +271,23 @@ def test_bad_input_battery_gets_4xx_and_the_server_keeps_serving(http, tiny_home
     assert http.post("/v1/embeddings", json={"input": "still fine"}).status_code == 200
 
 
+def metric(http: httpx.Client, name: str, **labels) -> float:
+    samples = http.get("/metrics", headers={"Accept": "application/json"}).json()[name]["samples"]
+    return sum(s["value"] for s in samples if s["name"] == name + "_total" and s["labels"] == labels)
+
+
 def test_a_client_that_disconnects_mid_request_does_not_hurt(server, http):
     texts = ["a text that takes a little while to embed " * 20] * 256
+    before = metric(http, "kalm_mlx_texts", model="minilm")
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.url}/v1/embeddings", json={"input": texts, "model": "minilm"}, timeout=0.05)
+    for _ in range(300):  # the server notices, answers nobody (logged as 499) and drops the rest
+        if metric(http, "kalm_mlx_requests", route="/v1/embeddings", status="499") and not http.get(
+                "/health").json()["in_flight_requests"]:
+            break
+        time.sleep(0.05)
+    assert metric(http, "kalm_mlx_requests", route="/v1/embeddings", status="499") == 1
+    assert metric(http, "kalm_mlx_texts", model="minilm") - before < len(texts)
     assert http.post("/v1/embeddings", json={"input": "after"}).status_code == 200
 
 

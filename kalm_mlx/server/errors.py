@@ -11,7 +11,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("kalm_mlx.server")
@@ -26,6 +26,14 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     503: "server_error",
 }
+
+
+CLIENT_CLOSED_REQUEST = 499
+"""The status logged (never sent: nobody is listening) when a client went away before its answer."""
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection while its request was being served."""
 
 
 class APIError(Exception):
@@ -116,6 +124,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(status, message, None, code, getattr(exc, "headers", None))
 
 
+async def _client_disconnected(request: Request, exc: ClientDisconnected) -> Response:
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, RecursionError):  # a body nested too deep for the JSON parser
         return error_response(400, "the body is nested too deeply", None, "invalid_request")
@@ -126,6 +138,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that keep every error in the envelope."""
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(ClientDisconnected, _client_disconnected)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

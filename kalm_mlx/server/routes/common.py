@@ -18,19 +18,11 @@ from ..batcher import (
     QueueFullError,
 )
 from ..catalog import UnknownModelError
-from ..errors import APIError
+from ..errors import APIError, ClientDisconnected
 from ..state import ServerState
 
 RETRY_AFTER_BUSY = "1"
 RETRY_AFTER_UNAVAILABLE = "30"
-CLIENT_CLOSED_REQUEST = 499
-"""Logged (never sent) when the client went away before its answer was ready."""
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection while its request was being served."""
-
-
 def is_recall(priority: str | None) -> bool:
     """Whether an ``X-Priority`` header value asks for the recall lane (any other value: normal)."""
     return priority is not None and priority.strip().lower() == "recall"

@@ -1,4 +1,4 @@
-"""Fit the two approximations behind kalm-mlx's CPU fast paths, and print their coefficients.
+"""Fit the approximations behind kalm-mlx's CPU fast paths, and print their coefficients.
 
     python -m benchmarks.fit_approximations
 
@@ -13,12 +13,17 @@ with multiply, add and divide only, the C++ compiler behind ``mx.compile`` vecto
 - Softmax: 2^r ~ A(r) on -1/2 <= r <= 1/2, degree 6, relative error; 2^x is then
   A(x - round(x)) times 2^round(x), built from the exponent bits. These are
   ``kalm_mlx.models.qwen2._EXP2_POLY``.
+- GELU (BERT's exact, erf-based one): erf(z) ~ z P(z^2) / Q(z^2) on 0 <= z <= 4 (beyond,
+  erf(z) is 1 in float32), Q(0) = 1, degree 5 each, absolute error (GELU computes
+  h + h erf(x / sqrt(2))). These are ``kalm_mlx.models.base._ERF_P`` and ``_ERF_Q``.
 
 Both fits are linearised least-squares problems re-weighted towards the worst points
 until the largest error stops falling (a Lawson-style route to the minimax fit).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -69,8 +74,28 @@ def fit_exp2(degree: int = 6, points: int = 20001) -> tuple[np.ndarray, float]:
     return _reweighted_fit(design, np.ones_like(r), error_of)
 
 
+def fit_erf(degree: int = 5, bound: float = 4.0, points: int = 40000) -> tuple[np.ndarray, np.ndarray, float]:
+    """erf(z) ~ z P(z^2) / Q(z^2): return (P, Q, max abs error), lowest power first."""
+    z = np.linspace(0.0, bound, points)[1:]
+    t = z * z
+    target = np.array([math.erf(v) for v in z])
+    # z P(t) - erf(z) (Q(t) - 1) = erf(z) with Q(0) = 1, linear in the coefficients.
+    design = np.stack([z * t**k for k in range(degree + 1)]
+                      + [-target * t**k for k in range(1, degree + 1)], axis=1)
+
+    def split(solution):
+        return solution[:degree + 1], np.concatenate([[1.0], solution[degree + 1:]])
+
+    def error_of(solution):
+        p, q = split(solution)
+        return np.abs(z * np.polyval(p[::-1], t) / np.polyval(q[::-1], t) - target)
+
+    solution, error = _reweighted_fit(design, target, error_of, iterations=100)
+    return (*split(solution), error)
+
+
 def main() -> None:
-    """Print the coefficients and the errors of both fits."""
+    """Print the coefficients and the errors of every fit."""
     p, q, error = fit_tanh()
     print(f"tanh: max |error| in float64 {error:.2e}")
     print("_TANH_P =", tuple(float(c) for c in p))
@@ -78,6 +103,10 @@ def main() -> None:
     a, error = fit_exp2()
     print(f"exp2: max relative error in float64 {error:.2e}")
     print("_EXP2_POLY =", tuple(float(c) for c in a))
+    p, q, error = fit_erf()
+    print(f"erf: max |error| in float64 {error:.2e}")
+    print("_ERF_P =", tuple(float(c) for c in p))
+    print("_ERF_Q =", tuple(float(c) for c in q))
 
 
 if __name__ == "__main__":

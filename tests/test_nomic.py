@@ -255,6 +255,19 @@ def test_v15_float32_parity_with_padding(v15_checkpoint, v15_model):
     assert np.abs(got - expected).max() <= 1e-4
 
 
+def test_v15_plain_and_cpu_fast_paths_agree(v15_checkpoint, v15_model, monkeypatch):
+    """The compiled CPU SwiGLU and exp2 attention against the plain formulas and sdpa."""
+    from kalm_mlx.models import base, nomic_bert, qwen2
+
+    _, state = v15_checkpoint
+    fast = v15_model.encode(TEXTS, batch_size=4)
+    for module in (base, nomic_bert, qwen2):
+        monkeypatch.setattr(module, "fast_cpu_paths", lambda: False)
+    plain = v15_model.encode(TEXTS, batch_size=4)
+    assert np.abs(fast - plain).max() <= 1e-5
+    assert np.abs(plain - reference_embed(state, V15_CONFIG, v15_model.tokenize(TEXTS))).max() <= 1e-4
+
+
 def test_v15_settings(v15_model):
     assert v15_model.pooling == "mean"
     assert v15_model.max_tokens == 8192

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import additive_key_mask, check_weights, strip_prefix
+from .base import additive_key_mask, check_weights, fast_cpu_paths, gelu, strip_prefix
+from .qwen2 import MASKED_SCORE, cpu_attention
 
 MODEL_TYPES = ("bert",)
 # Pooling normally comes from the checkpoint's 1_Pooling/config.json or the registry.
@@ -22,7 +23,7 @@ DEFAULT_POOLING = "mean"
 # Hugging Face hidden_act -> MLX activation. "gelu" is the exact (erf) GELU; the
 # tanh approximation must not stand in for it.
 ACTIVATIONS = {
-    "gelu": nn.gelu,
+    "gelu": gelu,
     "gelu_new": nn.gelu_approx,
     "gelu_pytorch_tanh": nn.gelu_approx,
     "relu": nn.relu,
@@ -134,13 +135,11 @@ class SelfAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
         batch, length, _ = x.shape
-        out = mx.fast.scaled_dot_product_attention(
-            self._heads(self.query(x)),
-            self._heads(self.key(x)),
-            self._heads(self.value(x)),
-            scale=self.scale,
-            mask=mask,
-        )
+        queries, keys, values = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        if queries.dtype == mx.float32 and fast_cpu_paths():
+            out = cpu_attention(queries, keys, values, self.scale, mask)
+        else:
+            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
 
 
@@ -217,7 +216,9 @@ class Model(nn.Module):
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         h = self.embeddings(input_ids)
-        return self.encoder(h, additive_key_mask(attention_mask, h.dtype))
+        # cpu_attention's softmax needs a finite mask; sdpa takes -inf.
+        fill = MASKED_SCORE if h.dtype == mx.float32 and fast_cpu_paths() else float("-inf")
+        return self.encoder(h, additive_key_mask(attention_mask, h.dtype, fill))
 
     def sanitize(self, weights: dict[str, mx.array], source: str = "checkpoint") -> dict[str, mx.array]:
         """Check a Hugging Face BERT checkpoint's tensors and return them under this module's names.

@@ -20,22 +20,31 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import additive_key_mask, check_weights, strip_prefix
+from .base import additive_key_mask, check_weights, fast_cpu_paths, gelu, strip_prefix
+from .qwen2 import MASKED_SCORE, cpu_attention, swiglu
 
 MODEL_TYPES = ("nomic_bert",)
 DEFAULT_POOLING = "mean"
 
 
-def _silu(x: mx.array) -> mx.array:
-    # silu written as x / (1 + exp(-x)): same values, faster than nn.silu on MLX's CPU backend.
-    return x / (1 + mx.exp(-x))
+def _swiglu(value: mx.array, gate: mx.array) -> mx.array:
+    return swiglu(gate, value)
 
 
-# activation_function -> the activation applied to the gate half (fc12) of the MLP.
+def _glu(value: mx.array, gate: mx.array) -> mx.array:
+    return value * mx.sigmoid(gate)
+
+
+def _geglu(value: mx.array, gate: mx.array) -> mx.array:
+    return value * gelu(gate)
+
+
+# activation_function -> value, gate -> value * act(gate), with fc12 the gate. swiglu is
+# Qwen2's (compiled rational silu on the CPU), geglu uses the CPU erf GELU of base.
 GATE_ACTIVATIONS = {
-    "swiglu": _silu,
-    "geglu": nn.gelu,
-    "glu": mx.sigmoid,
+    "swiglu": _swiglu,
+    "geglu": _geglu,
+    "glu": _glu,
 }
 # transformers 5's hidden_act spelling of the same choice.
 _HIDDEN_ACT_TO_FUNCTION = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "sigmoid": "glu"}
@@ -222,9 +231,11 @@ class Attention(nn.Module):
         qkv = self.Wqkv(x).reshape(batch, length, 3, self.n_heads, self.head_dim)
         qkv = qkv.transpose(2, 0, 3, 1, 4)
         queries, keys, values = qkv[0], qkv[1], qkv[2]
-        out = mx.fast.scaled_dot_product_attention(
-            self._rope(queries), self._rope(keys), values, scale=self.scale, mask=mask
-        )
+        queries, keys = self._rope(queries), self._rope(keys)
+        if queries.dtype == mx.float32 and fast_cpu_paths():
+            out = cpu_attention(queries, keys, values, self.scale, mask)
+        else:
+            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -239,7 +250,7 @@ class GatedMLP(nn.Module):
         self.activation = GATE_ACTIVATIONS[args.activation_function]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.fc11(x) * self.activation(self.fc12(x)))
+        return self.fc2(self.activation(self.fc11(x), self.fc12(x)))
 
 
 class Block(nn.Module):
@@ -289,7 +300,9 @@ class Model(nn.Module):
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         h = self.emb_ln(self.embeddings(input_ids))
-        return self.encoder(h, additive_key_mask(attention_mask, h.dtype))
+        # cpu_attention's softmax needs a finite mask; sdpa takes -inf.
+        fill = MASKED_SCORE if h.dtype == mx.float32 and fast_cpu_paths() else float("-inf")
+        return self.encoder(h, additive_key_mask(attention_mask, h.dtype, fill))
 
     def sanitize(self, weights: dict[str, mx.array], source: str = "checkpoint") -> dict[str, mx.array]:
         """Check a nomic checkpoint's tensors and return the ones the encoder uses.

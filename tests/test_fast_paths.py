@@ -134,3 +134,62 @@ def test_runs_without_a_compiler(qwen2_gqa2, tmp_path):
     plain = np.load(out)
     fast = kalm_mlx.load(folder).encode(["Hello world", "a b c d e f"])
     assert np.abs(plain - fast).max() <= 1e-5
+
+
+def exact_gelu(x: np.ndarray) -> np.ndarray:
+    from math import erf
+
+    x64 = x.astype(np.float64)
+    return 0.5 * x64 * (1 + np.vectorize(erf)(x64 / np.sqrt(2)))
+
+
+def test_gelu_matches_the_erf_gelu_on_a_dense_grid():
+    from kalm_mlx.models.base import gelu
+
+    x = np.linspace(-40, 40, 200_001, dtype=np.float32)
+    got = np.array(gelu(mx.array(x)))
+    assert got.dtype == np.float32
+    # nn.gelu is within 1.7e-7 of it, torch within 3.5e-7; the rational erf adds ~3e-8.
+    assert (np.abs(got - exact_gelu(x)) / np.maximum(np.abs(x), 1)).max() <= 2.5e-7
+
+
+def test_gelu_saturates_and_propagates_nan():
+    from kalm_mlx.models.base import gelu
+
+    x = np.array([10.0, 1e4, 3e38, -10.0, -1e4, -3e38, np.nan], dtype=np.float32)
+    got = np.array(gelu(mx.array(x)))
+    np.testing.assert_allclose(got[:3], x[:3], rtol=1e-7)
+    assert np.all(np.abs(got[3:6]) <= 2.5e-7 * np.abs(x[3:6])) and np.isnan(got[6])
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_gelu_half_precision(dtype):
+    from kalm_mlx.models.base import gelu
+
+    x = np.linspace(-60000, 60000, 10_001, dtype=np.float32)
+    got = gelu(mx.array(x).astype(dtype))
+    assert got.dtype == dtype
+    values = np.array(got.astype(mx.float32)).astype(np.float64)
+    rounded = np.array(mx.array(x).astype(dtype).astype(mx.float32))
+    assert np.all(np.isfinite(values))
+    assert (np.abs(values - exact_gelu(rounded)) / np.maximum(np.abs(rounded), 1)).max() <= 1e-2
+
+
+def test_gelu_falls_back_to_nn_gelu_without_fast_paths(monkeypatch):
+    import mlx.nn as nn
+
+    from kalm_mlx.models import base
+
+    x = mx.array(np.linspace(-5, 5, 101, dtype=np.float32))
+    monkeypatch.setattr(base, "fast_cpu_paths", lambda: False)
+    assert mx.array_equal(base.gelu(x), nn.gelu(x))
+
+
+def test_additive_key_mask_fill():
+    from kalm_mlx.models.base import additive_key_mask
+
+    mask = mx.array([[1, 1, 0]])
+    finite = np.array(additive_key_mask(mask, mx.float32, MASKED_SCORE))
+    assert finite.shape == (1, 1, 1, 3) and finite[0, 0, 0].tolist() == [0.0, 0.0, MASKED_SCORE]
+    assert np.isneginf(np.array(additive_key_mask(mask, mx.float32))[0, 0, 0, 2])
+    assert additive_key_mask(None, mx.float32) is None

@@ -202,11 +202,11 @@ def test_recall_job_overtakes_queued_bulk_work():
     batcher.start()
     try:
         bulk = batcher.submit(EmbedJob(model="a", texts=[f"bulk{i}" for i in range(6)]))
-        recall = batcher.submit(EmbedJob(model="a", texts=["RECALL"], recall=True))
+        recalls = [batcher.submit(EmbedJob(model="a", texts=[f"RECALL{i}"], recall=True)) for i in range(2)]
         pool.gate.set()
-        assert bulk.done.wait(10) and recall.done.wait(10)
+        assert bulk.done.wait(10) and all(r.done.wait(10) for r in recalls)
         order = [bytes(b[0]).decode() for b in pool.embedders["a"].batches]
-        assert order[0] == "RECALL"
+        assert order[:2] == ["RECALL0", "RECALL1"] and order[2:] == [f"bulk{i}" for i in range(6)]
     finally:
         batcher.stop()
 

@@ -344,7 +344,8 @@ class Batcher:
         self.last_batch_time: float | None = None
         """``time.time()`` when the last batch finished, or None."""
         self._cond = threading.Condition()
-        self._jobs: deque[Ticket] = deque()
+        self._jobs: deque[Ticket] = deque()  # submitted, not tokenised yet
+        self._recall_jobs: deque[Ticket] = deque()
         self._entries = EntryQueue()
         self._pending_texts = 0  # texts of jobs not tokenised yet
         self._stopping = False
@@ -371,9 +372,10 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._cond:
-            tickets = {id(t): t for t in self._jobs}
+            tickets = {id(t): t for t in (*self._recall_jobs, *self._jobs)}
             tickets.update((id(entry.ticket), entry.ticket) for entry in self._entries.drain())
             self._jobs.clear()
+            self._recall_jobs.clear()
             self._pending_texts = 0
         for ticket in tickets.values():
             ticket.settle(BatcherStoppedError("the server is shutting down"))
@@ -400,7 +402,7 @@ class Batcher:
             if queued and queued + job.size > self.max_queued_texts:
                 raise QueueFullError(queued, self.max_queued_texts)
             if job.recall:
-                self._jobs.appendleft(ticket)
+                self._recall_jobs.append(ticket)
             else:
                 self._jobs.append(ticket)
             self._pending_texts += job.size
@@ -438,11 +440,12 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._jobs or len(self._entries) or self._stopping):
+                while not (self._jobs or self._recall_jobs or len(self._entries) or self._stopping):
                     self._cond.wait()
                 if self._stopping:
                     return
-                jobs = list(self._jobs)
+                jobs = [*self._recall_jobs, *self._jobs]
+                self._recall_jobs.clear()
                 self._jobs.clear()
             if jobs:
                 self._prepare_all(jobs)
@@ -453,7 +456,8 @@ class Batcher:
                 with self._cond:
                     self._free_since = time.perf_counter()
                     self._returning = {batch[0]: finished}
-                    pending = sum(t.job.size for t in self._jobs if t.job.model == batch[0])
+                    pending = sum(t.job.size for t in (*self._recall_jobs, *self._jobs)
+                                  if t.job.model == batch[0])
                     self._queued_when_free = {batch[0]: self._entries.count(batch[0]) + pending}
 
     def _next_batch(self) -> tuple[str, list[Entry]] | None:

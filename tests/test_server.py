@@ -390,7 +390,7 @@ def test_metrics_in_prometheus_text_and_json(http):
     assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
     for name in ('kalm_mlx_requests_total{route="/v1/embeddings",status="200"}',
                  'kalm_mlx_texts_total{model="minilm"}', 'kalm_mlx_batches_total{model="minilm"}',
-                 "kalm_mlx_batch_fill_bucket", "kalm_mlx_queue_texts", 'kalm_mlx_loaded_bytes{model="minilm"}',
+                 "kalm_mlx_batch_fill_bucket", 'kalm_mlx_batch_tokens_bucket{le="2048.0",model="minilm"}', "kalm_mlx_queue_texts", 'kalm_mlx_loaded_bytes{model="minilm"}',
                  'kalm_mlx_model_loads_total{model="minilm"}', "kalm_mlx_request_seconds_bucket",
                  "kalm_mlx_truncated_inputs_total"):
         assert name in text.text, name

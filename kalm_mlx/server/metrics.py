@@ -11,6 +11,7 @@ from .batcher import BatchStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
 FILL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -53,6 +54,8 @@ class ServerMetrics:
         self.batches = Counter("kalm_mlx_batches", "Encoder batches", ["model"], registry=r)
         self.batch_size = Histogram("kalm_mlx_batch_size", "Texts per encoder batch", ["model"],
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("kalm_mlx_batch_tokens", "Padded tokens per encoder batch", ["model"],
+                                      buckets=BATCH_TOKEN_BUCKETS, registry=r)
         self.batch_fill = Histogram("kalm_mlx_batch_fill", "Padded tokens of a batch / the token budget",
                                     ["model"], buckets=FILL_BUCKETS, registry=r)
         self.batch_seconds = Histogram("kalm_mlx_batch_seconds", "Encoding time per batch", ["model"],
@@ -67,6 +70,7 @@ class ServerMetrics:
         self.tokens.labels(stats.model).inc(stats.tokens)
         self.batches.labels(stats.model).inc()
         self.batch_size.labels(stats.model).observe(stats.texts)
+        self.batch_tokens.labels(stats.model).observe(stats.padded_tokens)
         self.batch_fill.labels(stats.model).observe(min(1.0, stats.padded_tokens / stats.max_batch_tokens))
         self.batch_seconds.labels(stats.model).observe(stats.seconds)
 

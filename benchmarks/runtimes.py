@@ -1,22 +1,34 @@
 """The runtimes under test, each loaded in its own worker process.
 
 ``kalm-mlx``: :func:`kalm_mlx.load` on the folder, then the Embedder's own batching and
-forward on the given token ids. ``torch``: what sentence-transformers does with a Qwen2
-encoder, made bidirectional: transformers' ``Qwen2Model`` in float32 with a 4-D additive
-padding mask (the reference of kalm-mlx's parity tests, ``tests/helpers.torch_qwen2_embed``),
-texts sorted longest first in batches of 32 and padded to the longest of each batch, mean
-pooling, L2 normalisation. sentence-transformers itself would run this folder's Qwen2Model
-with a causal mask (it is a decoder to transformers), so it would not compute KaLM's vectors.
+forward on the given token ids.
+
+``torch``: for BERT and NomicBERT folders, sentence-transformers itself
+(``SentenceTransformer(folder)``, its modules called on each batch of ids, as its
+``encode`` does after tokenising). For a Qwen2 encoder, what sentence-transformers does made
+bidirectional: transformers' ``Qwen2Model`` in float32 with a 4-D additive padding mask (the
+reference of kalm-mlx's parity tests, ``tests/helpers.torch_qwen2_embed``), mean pooling;
+sentence-transformers itself would run this folder's Qwen2Model with a causal mask (it is a
+decoder to transformers), so it would not compute KaLM's vectors. Both sort texts longest
+first, batch them and pad each batch to its longest text, as ``encode`` does.
+
+``onnx``: ONNX Runtime on the same weights exported with ``torch.onnx`` (opset 17, the
+TorchScript exporter, dynamic batch and length; cached under the benchmark cache), the CPU
+execution provider with every graph optimisation, the same batching, pooling and
+normalisation in numpy: what fastembed, Infinity's optimum backend and TEI's CPU path run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -125,26 +137,95 @@ def openblas_details(path: str | None) -> dict:
         return {}
 
 
+def bench_cache_dir() -> Path:
+    """Where benchmark checkpoints and exports are cached: ``$KALM_MLX_BENCH_CACHE`` or ``~/.cache/kalm-mlx-bench``."""
+    explicit = os.environ.get("KALM_MLX_BENCH_CACHE")
+    return Path(explicit).expanduser() if explicit else Path.home() / ".cache" / "kalm-mlx-bench"
+
+
+def read_config(folder: str | Path) -> dict:
+    """A folder's ``config.json``."""
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def folder_pooling(folder: str | Path) -> str:
+    """``cls`` or ``mean``, from sentence-transformers' ``1_Pooling/config.json`` (mean without one)."""
+    path = Path(folder) / "1_Pooling" / "config.json"
+    if path.exists() and json.loads(path.read_text()).get("pooling_mode_cls_token"):
+        return "cls"
+    return "mean"
+
+
+def pad_numpy(token_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded (ids, mask) int64 arrays of shape (B, longest)."""
+    longest = max(len(seq) for seq in token_ids)
+    ids = np.zeros((len(token_ids), longest), dtype=np.int64)
+    mask = np.zeros((len(token_ids), longest), dtype=np.int64)
+    for row, seq in enumerate(token_ids):
+        ids[row, :len(seq)] = seq
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+def pool_numpy(hidden: np.ndarray, mask: np.ndarray, pooling: str) -> np.ndarray:
+    """CLS or masked-mean pooling of (B, L, H) hidden states, then L2 normalisation, in float32."""
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        weights = mask[..., None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+    pooled = pooled.astype(np.float32)
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+
+def embed_sorted(token_ids: list[list[int]], batch_size: int, dim: int, embed_batch) -> np.ndarray:
+    """``embed_batch(ids) -> (B, dim)`` over batches of ``batch_size`` texts, longest first, as
+    sentence-transformers' ``encode`` forms them; rows come back in the caller's order."""
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    out = np.zeros((len(token_ids), dim), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        out[rows] = embed_batch([token_ids[i] for i in rows])
+    return out
+
+
 class TorchRuntime:
-    """The sentence-transformers-equivalent bidirectional reference on PyTorch (see module doc)."""
+    """sentence-transformers (BERT family) or its bidirectional Qwen2 equivalent on PyTorch (see module doc)."""
 
     def __init__(self, folder: str):
         import torch
-        from transformers import Qwen2Model
 
         self.torch = torch
-        self.model = Qwen2Model.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model_type = read_config(folder).get("model_type")
+        if self.model_type == "qwen2":
+            from transformers import Qwen2Model
+
+            self.model = Qwen2Model.from_pretrained(folder, dtype=torch.float32).eval()
+            self.dim = self.model.config.hidden_size
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self.st = SentenceTransformer(str(folder), device="cpu")
+            self.model = self.st[0].auto_model
+            dimension = getattr(self.st, "get_embedding_dimension", None)  # sentence-transformers >= 6
+            self.dim = (dimension or self.st.get_sentence_embedding_dimension)()
+
+    def _embed_batch(self, ids: list[list[int]]) -> np.ndarray:
+        if self.model_type == "qwen2":
+            from tests.helpers import torch_qwen2_embed  # the parity tests' reference forward
+
+            return torch_qwen2_embed(self.model, ids)
+        torch = self.torch
+        input_ids, mask = (torch.from_numpy(a) for a in pad_numpy(ids))
+        features = {"input_ids": input_ids, "attention_mask": mask,
+                    "token_type_ids": torch.zeros_like(input_ids)}
+        with torch.inference_mode():
+            pooled = self.st(features)["sentence_embedding"]
+        return torch.nn.functional.normalize(pooled, dim=1).numpy()
 
     def embed(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
         """Normalised vectors: longest first, ``batch_size`` texts a batch, as sentence-transformers does."""
-        from tests.helpers import torch_qwen2_embed  # the parity tests' reference forward
-
-        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
-        out = np.zeros((len(token_ids), self.model.config.hidden_size), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            out[rows] = torch_qwen2_embed(self.model, [token_ids[i] for i in rows])
-        return out
+        return embed_sorted(token_ids, batch_size, self.dim, self._embed_batch)
 
     def gemm_gflops(self) -> float:
         """torch's best float32 matmul rate on the CPU."""
@@ -187,14 +268,138 @@ class TorchRuntime:
         return info
 
 
+def onnx_path(folder: str | Path) -> Path:
+    """Where :func:`export_onnx` caches ``folder``'s export (keyed by its path and weights' mtimes)."""
+    folder = Path(folder).resolve()
+    stamps = [str(folder)] + [f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(folder.glob("*.safetensors"))]
+    digest = hashlib.sha256("|".join(stamps).encode()).hexdigest()[:10]
+    return bench_cache_dir() / "onnx" / f"{folder.name}-{digest}" / "model.onnx"
+
+
+def export_onnx(folder: str | Path) -> Path:
+    """Export ``folder``'s transformer (ids, mask -> last hidden states) to ONNX once; return the file.
+
+    ``torch.onnx.export`` with the TorchScript exporter (``dynamo=False``), opset 17, dynamic
+    batch and length axes, float32. BERT gets token type 0; Qwen2 gets the 4-D additive
+    bidirectional mask of the torch reference. Weights over 2 GB go to external data files
+    beside the model. Written to a temporary folder and renamed into place.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+
+    out = onnx_path(folder)
+    if out.exists():
+        return out
+    model_type = read_config(folder).get("model_type")
+    if model_type == "qwen2":
+        from transformers import Qwen2Model
+
+        model = Qwen2Model.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    else:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            if model_type == "qwen2":
+                keep = attention_mask[:, None, None, :].to(torch.float32)
+                additive = (1.0 - keep) * torch.finfo(torch.float32).min
+                length = input_ids.shape[1]
+                additive = additive.expand(-1, 1, length, length)
+                return self.model(input_ids=input_ids, attention_mask=additive).last_hidden_state
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+
+    out.parent.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent.parent))
+    try:
+        example = torch.ones((2, 8), dtype=torch.long)
+        with torch.no_grad():
+            torch.onnx.export(
+                LastHiddenState(), (example, example), str(tmp / out.name),
+                input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                dynamic_axes={"input_ids": {0: "batch", 1: "length"},
+                              "attention_mask": {0: "batch", 1: "length"},
+                              "last_hidden_state": {0: "batch", 1: "length"}},
+                opset_version=17, dynamo=False,
+            )
+        os.chmod(tmp, 0o755)
+        if out.parent.exists():
+            shutil.rmtree(out.parent)
+        tmp.rename(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class OnnxRuntime:
+    """ONNX Runtime on :func:`export_onnx`'s file: CPU provider, every graph optimisation (see module doc)."""
+
+    def __init__(self, folder: str):
+        import onnxruntime as ort
+
+        self.ort = ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(export_onnx(folder)), options,
+                                            providers=["CPUExecutionProvider"])
+        config = read_config(folder)
+        self.dim = int(config.get("n_embd") or config["hidden_size"])
+        self.pooling = folder_pooling(folder)
+        self.folder = folder
+
+    def _embed_batch(self, ids: list[list[int]]) -> np.ndarray:
+        input_ids, mask = pad_numpy(ids)
+        (hidden,) = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+        return pool_numpy(hidden, mask, self.pooling)
+
+    def embed(self, token_ids: list[list[int]], batch_size: int) -> np.ndarray:
+        """Normalised vectors, batched as sentence-transformers does."""
+        return embed_sorted(token_ids, batch_size, self.dim, self._embed_batch)
+
+    def gemm_gflops(self) -> float:
+        """numpy's float32 matmul rate (ONNX Runtime's MLAS is not reachable from Python alone)."""
+        def matmul(m, k, n):
+            a = np.random.standard_normal((m, k)).astype(np.float32)
+            b = np.random.standard_normal((k, n)).astype(np.float32)
+            start = time.perf_counter()
+            a @ b
+            return time.perf_counter() - start
+
+        return best_gflops(matmul)
+
+    def memory(self) -> dict:
+        """Bytes of the exported model files (the weights, in float32)."""
+        path = export_onnx(self.folder)
+        return {"weights_bytes": int(sum(p.stat().st_size for p in path.parent.iterdir()))}
+
+    def info(self) -> dict:
+        """ONNX Runtime version, provider and threads."""
+        options = self.session.get_session_options()
+        return {"onnxruntime": self.ort.__version__, "providers": self.session.get_providers(),
+                "intra_op_threads": options.intra_op_num_threads or "default (one per core)",
+                "graph_optimization": "ORT_ENABLE_ALL", "export": "torch.onnx, opset 17, dynamo=False"}
+
+
 def make_runtime(kind: str, folder: str):
-    """Build the runtime named ``kind``: ``torch``, ``mlx-<dtype>`` or ``mlx-<dtype>-<quantized>``."""
+    """Build the runtime named ``kind``: ``torch``, ``onnx``, ``mlx-<dtype>`` or ``mlx-<dtype>-<quantized>``."""
     if kind == "torch":
         return TorchRuntime(folder)
+    if kind == "onnx":
+        return OnnxRuntime(folder)
     if kind.startswith("mlx-"):
         parts = kind.split("-")[1:]
         return MLXRuntime(folder, dtype=parts[0], quantized=parts[1] if len(parts) > 1 else None)
-    raise ValueError(f"unknown runtime {kind!r}: expected torch, mlx-<dtype> or mlx-<dtype>-<quantized>")
+    raise ValueError(f"unknown runtime {kind!r}: expected torch, onnx, mlx-<dtype> or mlx-<dtype>-<quantized>")
 
 
 def machine_info() -> dict:

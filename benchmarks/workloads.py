@@ -2,9 +2,9 @@
 
 Workloads are lists of token-id lists, generated deterministically from a seed, so that
 every runtime embeds exactly the same ids (tokenization, the same Rust tokenizer on every
-side, is left out of the timings). FLOPs count only the matrix multiplications a
-bidirectional Qwen2 encoder must do on the real (unpadded) tokens: padding a runtime
-computes is its own cost, and shows up as lower utilisation.
+side, is left out of the timings). FLOPs count only the matrix multiplications the
+encoder (bidirectional Qwen2, BERT or NomicBERT) must do on the real (unpadded) tokens:
+padding a runtime computes is its own cost, and shows up as lower utilisation.
 """
 
 from __future__ import annotations
@@ -27,26 +27,33 @@ class EncoderShape:
     num_key_value_heads: int
     intermediate_size: int
     vocab_size: int
+    mlp_matrices: int = 3
+    """3 for a gated MLP (Qwen2's gate/up/down, nomic's fc11/fc12/fc2), 2 for BERT's."""
 
     @classmethod
     def from_config(cls, config: dict) -> "EncoderShape":
-        """Build from a Qwen2 ``config.json`` dict."""
+        """Build from a Qwen2, BERT or NomicBERT ``config.json`` dict (nomic's own keys or transformers')."""
+        def first(*keys):
+            return next(config[key] for key in keys if config.get(key) is not None)
+
+        heads = int(first("n_head", "num_attention_heads"))
         return cls(
-            hidden_size=int(config["hidden_size"]),
-            num_hidden_layers=int(config["num_hidden_layers"]),
-            num_attention_heads=int(config["num_attention_heads"]),
-            num_key_value_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
-            intermediate_size=int(config["intermediate_size"]),
+            hidden_size=int(first("n_embd", "hidden_size")),
+            num_hidden_layers=int(first("n_layer", "num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            intermediate_size=int(first("n_inner", "intermediate_size")),
             vocab_size=int(config["vocab_size"]),
+            mlp_matrices=2 if config.get("model_type") == "bert" else 3,
         )
 
     @property
     def linear_params_per_layer(self) -> int:
-        """Weights of the seven projections of one layer (q, k, v, o, gate, up, down)."""
+        """Weights of one layer's projections (q, k, v, o and the MLP's two or three)."""
         hidden = self.hidden_size
         kv_dim = self.num_key_value_heads * (hidden // self.num_attention_heads)
         attention = hidden * hidden * 2 + hidden * kv_dim * 2
-        return attention + 3 * hidden * self.intermediate_size
+        return attention + self.mlp_matrices * hidden * self.intermediate_size
 
     def text_flops(self, length: int) -> int:
         """Multiply-add FLOPs (2 per MAC) to encode one text of ``length`` tokens.
@@ -85,6 +92,12 @@ def long_tailed_lengths(count: int, seed: int, low: int = 8, high: int = 512,
 def mixed_corpus(count: int, vocab_size: int, seed: int = 0, high: int = 512) -> list[list[int]]:
     """The realistic workload: ``count`` texts of long-tailed lengths between 8 and ``high`` tokens."""
     return random_ids(long_tailed_lengths(count, seed, high=high), vocab_size, seed + 1)
+
+
+def short_texts(count: int, vocab_size: int, seed: int = 0, low: int = 8, high: int = 24) -> list[list[int]]:
+    """``count`` short texts (queries, memories) of uniformly drawn lengths ``low``..``high`` tokens."""
+    lengths = np.random.default_rng(seed).integers(low, high + 1, size=count)
+    return random_ids(lengths.tolist(), vocab_size, seed + 1)
 
 
 def fixed_batch(texts: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:

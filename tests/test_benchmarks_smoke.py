@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import checkpoint, report, workloads
+from benchmarks import checkpoint, report, runtimes, workloads
 from benchmarks.cli import main as bench_main
+from benchmarks.cli import results_folder
 from benchmarks.run import Settings, run_benchmarks
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "intermediate_size": 128}
+TINY_BERT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +24,29 @@ def tiny_kalm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smoke_results(tiny_kalm):
+def smoke_results(tiny_kalm, bench_cache):
     return run_benchmarks(Settings.smoke(), tiny_kalm, progress=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory):
+    """An empty benchmark cache (ONNX exports, tiny BERT-family checkpoints) for this module."""
+    cache = tmp_path_factory.mktemp("bench-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KALM_MLX_BENCH_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_family(bench_cache):
+    """Tiny random checkpoints of the bge-base, gte-base and nomic layouts, by name."""
+    return {name: checkpoint.bert_family_checkpoint(name, **TINY_BERT) for name in checkpoint.BERT_FAMILY_SHAPES}
+
+
+@pytest.fixture(scope="module")
+def bert_smoke_results(tiny_bert_family):
+    return run_benchmarks(Settings.smoke(), tiny_bert_family["bge-base"], with_quantized=False,
+                          progress=lambda message: None)
 
 
 def test_generated_checkpoint_loads_as_kalm_would(tiny_kalm):
@@ -83,19 +106,25 @@ def test_flops_of_the_kalm_shape():
 def test_smoke_run_measures_every_workload(smoke_results):
     runtimes = smoke_results["runtimes"]
     main = [runtimes[name] for name in runtimes if runtimes[name]["main"]]
-    assert [r["kind"] for r in main] == ["mlx-float32", "torch"]
+    assert [r["kind"] for r in main] == ["mlx-float32", "torch", "onnx"]
     for runtime in main:
         assert runtime["short"]["runs"] == Settings.smoke().short_runs
+        assert runtime["short_batch"]["texts"] == Settings.smoke().short_batch_texts
+        assert len(runtime["short_batch"]["seconds"]) == Settings.smoke().short_batch_runs
         assert runtime["fixed"]["tokens"] == 4 * 16
         assert set(runtime["batch_scaling"]) == {"1", "4"}
         assert set(runtime["length_scaling"]) == {"8", "32"}
         assert runtime["mixed"]["texts"] == 12
         assert runtime["memory"]["peak_rss_bytes"] > runtime["memory"]["weights_bytes"] > 0
         assert runtime["gemm_gflops"] > 0 and 0 < runtime["fixed"]["mfu"]
-    assert set(smoke_results["ratios"]) == {"mixed_throughput", "fixed_throughput",
-                                            "short_p50_latency", "start_to_ready"}
-    # Same weights, same ids: kalm-mlx and the torch reference give the same vectors.
+    ratio_keys = {"mixed_throughput", "fixed_throughput", "short_batch_throughput",
+                  "short_p50_latency", "start_to_ready"}
+    assert set(smoke_results["ratios"]) == ratio_keys
+    assert set(smoke_results["ratios_vs"]["ONNX Runtime float32"]) == ratio_keys
+    # Same weights, same ids: kalm-mlx, the torch reference and ONNX Runtime give the same vectors.
     assert smoke_results["parity"]["max_abs_diff"] < 1e-4
+    for runtime in main[1:]:
+        assert runtime["parity"]["max_abs_diff"] < 1e-4
     variants = [name for name in runtimes if not runtimes[name]["main"]]
     assert {"kalm-mlx q8 (auto)", "kalm-mlx q8 (keep)"} <= set(variants)
     for name in variants:
@@ -118,3 +147,74 @@ def test_report_writes_json_markdown_and_plots(smoke_results, tmp_path):
 def test_cli_rejects_a_folder_without_config(tmp_path, capsys):
     assert bench_main(["--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "config.json" in capsys.readouterr().err
+    assert bench_main(["--model", "no-such-model", "--out", str(tmp_path / "out")]) == 2
+    assert "minilm" in capsys.readouterr().err
+
+
+def test_results_go_to_a_folder_per_family():
+    assert results_folder("kalm-v2") == results_folder("kalm-v2").parent / "results"
+    assert results_folder("minilm").name == "minilm" and results_folder("minilm").parent.name == "results"
+    assert results_folder("nomic", quick=True).parent.name == "tmp"
+
+
+def test_bert_family_checkpoints_have_their_models_layout(tiny_bert_family):
+    import kalm_mlx
+
+    expected = {"bge-base": ("bert", "cls"), "gte-base": ("bert", "mean"), "nomic": ("nomic_bert", "mean")}
+    for name, folder in tiny_bert_family.items():
+        config = json.loads((folder / "config.json").read_text())
+        model = kalm_mlx.load(folder)
+        assert (config["model_type"], model.pooling) == expected[name]
+        assert model.dim == 64 and model.tokenizer.get_vocab_size() == 30522
+        assert "not quality" in (folder / "README.md").read_text()
+    shape = workloads.EncoderShape.from_config(json.loads((tiny_bert_family["nomic"] / "config.json").read_text()))
+    assert (shape.mlp_matrices, shape.intermediate_size) == (3, 128)
+    assert checkpoint.bert_family_checkpoint("nomic", **TINY_BERT) == tiny_bert_family["nomic"]
+    with pytest.raises(ValueError, match="bge-base"):
+        checkpoint.bert_family_checkpoint("bert-large")
+
+
+def test_benchmark_folder_choices(tiny_bert_family):
+    assert checkpoint.benchmark_folder("minilm") == checkpoint.minilm_folder()
+    assert (checkpoint.minilm_folder() / "config.json").exists()
+    assert checkpoint.benchmark_folder(str(tiny_bert_family["gte-base"])) == tiny_bert_family["gte-base"]
+    with pytest.raises(ValueError, match="kalm-v2"):
+        checkpoint.benchmark_folder("no-such-model")
+
+
+def test_flops_of_the_bert_base_shape():
+    shape = workloads.EncoderShape.from_config({"model_type": "bert", **checkpoint.BERT_BASE_SHAPE})
+    # q, k, v, o: 4 x 768^2; the MLP: 2 x 768 x 3072 (no gate).
+    assert shape.text_flops(1) == 2 * (4 * 768 * 768 + 2 * 768 * 3072) * 12 + 4 * 768 * 12
+
+
+def test_short_texts_workload():
+    ids = workloads.short_texts(64, vocab_size=30522, seed=1)
+    assert ids == workloads.short_texts(64, vocab_size=30522, seed=1)
+    assert len(ids) == 64 and {len(seq) for seq in ids} <= set(range(8, 25))
+    assert all(0 <= i < 30522 for seq in ids for i in seq)
+
+
+@pytest.mark.parametrize("name", ["gte-base", "nomic"])
+def test_torch_and_onnx_runtimes_agree_with_kalm_mlx(tiny_bert_family, name):
+    folder = str(tiny_bert_family[name])
+    ids = workloads.mixed_corpus(9, vocab_size=30522, seed=4, high=40)
+    mine = runtimes.make_runtime("mlx-float32", folder).embed(ids, 4)
+    for kind in ("torch", "onnx"):
+        other = runtimes.make_runtime(kind, folder).embed(ids, 4)
+        assert other.shape == mine.shape == (9, 64)
+        assert np.abs(other - mine).max() < 1e-4, kind
+
+
+def test_bert_family_smoke_run(bert_smoke_results, tmp_path):
+    runtimes_ = bert_smoke_results["runtimes"]
+    assert list(runtimes_) == ["kalm-mlx float32", "sentence-transformers float32", "ONNX Runtime float32"]
+    assert bert_smoke_results["model"]["family"] == "bert"
+    for runtime in runtimes_.values():
+        assert runtime["short_batch"]["texts_per_s"] > 0 and runtime["mixed"]["texts"] == 12
+    # CLS pooling on all three sides.
+    for name in list(runtimes_)[1:]:
+        assert runtimes_[name]["parity"]["max_abs_diff"] < 1e-4
+    report.write(bert_smoke_results, tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "bge-base's shape" in text and "kalm-mlx / ONNX Runtime float32" in text

@@ -18,6 +18,8 @@ from tests.helpers import make_qwen2_checkpoint
 
 TINY_MODELS = {"kalm-v2": 1, "bge-base": 2}
 """Tiny random Qwen2 encoders converted under these registry names (value: layers and seed)."""
+TINY_MATRYOSHKA_DIMS = {"kalm-v2": [64, 32, 16]}
+"""Trained dims written into a tiny model's metadata, as KaLM's 896, 512, ... at this width."""
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
@@ -38,6 +40,13 @@ def make_tiny_home(root: Path) -> Path:
         make_qwen2_checkpoint(source, hidden=64, heads=2, kv_heads=1, layers=layers, intermediate=128,
                               seed=layers)
         convert(source, home / name)
+        if name in TINY_MATRYOSHKA_DIMS:
+            config_path = home / name / "config.json"
+            config = json.loads(config_path.read_text())
+            config["kalm_mlx"]["matryoshka_dims"] = TINY_MATRYOSHKA_DIMS[name]
+            temporary = config_path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(config, indent=2))
+            temporary.replace(config_path)
     return home
 
 

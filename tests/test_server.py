@@ -119,6 +119,14 @@ def test_instruction_token_ids_and_dimensions(http, library):
         assert np.abs(vectors_of(body) - library["minilm"].encode_tokens(rows)).max() < 1e-6
     full = http.post("/v1/embeddings", json={"input": "x", "model": "kalm-v2", "dimensions": kalm.dim})
     assert len(full.json()["data"][0]["embedding"]) == kalm.dim
+    assert kalm.matryoshka_dims == (64, 32, 16)
+    body = http.post("/v1/embeddings", json={"input": TEXTS, "model": "kalm-v2", "dimensions": 32}).json()
+    assert np.abs(vectors_of(body) - kalm.encode(TEXTS, truncate_dim=32)).max() < 1e-6
+    client = OpenAI(base_url=f"{str(http.base_url).rstrip('/')}/v1", api_key="unused", max_retries=0)
+    short = client.embeddings.create(model="kalm", input=TEXTS[:2], dimensions=16, user="someone")
+    assert np.abs(np.array([d.embedding for d in short.data]) - kalm.encode(TEXTS[:2], truncate_dim=16)).max() < 1e-6
+    assert_error(http.post("/v1/embeddings", json={"input": "x", "model": "kalm-v2", "dimensions": 48}),
+                 400, "64, 32, 16")
     assert_error(http.post("/v1/embeddings", json={"input": "x", "model": "minilm", "dimensions": 100}),
                  400, "384")
 

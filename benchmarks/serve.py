@@ -13,7 +13,7 @@ them alike (each point's best round is reported):
   engram-embed's design) on single short texts at every concurrency; ``encode()`` in a
   worker process (:mod:`benchmarks.worker`) on batches of 16 of the same texts (the ceiling
   for 16 concurrent clients) and on one text (the floor for one client); and a priority run:
-  bulk clients sending 100-text requests while single texts with ``X-Priority: recall`` and
+  a bulk client sending 100-text requests while single texts with ``X-Priority: recall`` and
   the same texts without it are timed in the same run.
 - **MiniLM** (the real all-MiniLM-L6-v2): the batched server, ``--no-batching`` and
   Infinity (torch engine, dynamic batching; from its own virtualenv, skipped with a note
@@ -83,10 +83,10 @@ class Settings:
     text_pool: int = 2048
     ceiling_batch: int = 16
     direct_runs: int = 30
-    bulk_clients: int = 2
+    bulk_clients: int = 1
     bulk_texts: int = 100
     priority_probes: int = 400
-    priority_time_cap_s: float = 60.0
+    priority_time_cap_s: float = 90.0
     minilm_priority: bool = True
     minilm_priority_time_cap_s: float = 15.0
     seed: int = 0
@@ -146,14 +146,20 @@ def _measure_grid(group: str, servers: dict, texts: list[str], payloads: tuple[s
         for concurrency in settings.concurrencies:
             for name, (server, model_id) in servers.items():
                 bodies = _bodies(model_id, texts, size)
+                before = serve_servers.batch_counters(server.base_url) if name != INFINITY else None
                 row = _run(_point(server.base_url + "/v1/embeddings", bodies, concurrency,
                                   settings.max_requests, time_cap_s, settings.warmup_per_client))
                 row.update(group=group, server=name, payload=payload, round=round_index,
-                           load_average=_load_average())
+                           load_average=_load_average(), texts_per_batch=None)
+                after = serve_servers.batch_counters(server.base_url) if before else None
+                if after and after["batches"] > before["batches"]:  # warm-up included
+                    row["texts_per_batch"] = round((after["texts"] - before["texts"])
+                                                   / (after["batches"] - before["batches"]), 2)
                 results["points"].append(row)
                 progress(f"  {group} {name:24s} {payload:8s} c={concurrency:<3d} "
                          f"{row['texts_per_s']:8.1f} texts/s  p50 {row['p50_ms']} ms  "
-                         f"p99 {row['p99_ms']} ms  errors {row['errors'] or 0}")
+                         f"p99 {row['p99_ms']} ms  texts/batch {row['texts_per_batch']}  "
+                         f"errors {row['errors'] or 0}")
 
 
 def _encode_ceiling(worker: Worker, ids: list[list[int]], batch: int, time_cap_s: float) -> dict:
@@ -376,30 +382,33 @@ def markdown(results: dict) -> str:
             continue
         lines += [f"{title}: short texts of {info['texts_tokens_mean']:.0f} tokens on average; best of "
                   f"{results['settings']['rounds']} round(s) per point.", "",
-                  "| server | request | clients | requests/s | texts/s | p50 ms | p95 ms | p99 ms | served | errors |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| server | request | clients | requests/s | texts/s | p50 ms | p95 ms | p99 ms "
+                  "| texts/batch | served | errors |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        order = [BATCHED, UNBATCHED, INFINITY]
         keys = sorted({(r["payload"], r["concurrency"], r["server"]) for r in results["points"]
                        if r["group"] == group},
-                      key=lambda k: (list(PAYLOADS).index(k[0]), k[1], k[2] != BATCHED, k[2]))
+                      key=lambda k: (list(PAYLOADS).index(k[0]), k[1], order.index(k[2])))
         for payload, concurrency, server in keys:
             row = best_point(results, group, server, payload, concurrency)
             if row is None:
-                lines.append(f"| {server} | {payload} | {concurrency} | - | - | - | - | - | 0 | all failed |")
+                lines.append(f"| {server} | {payload} | {concurrency} | - | - | - | - | - | - | 0 | all failed |")
                 continue
             errors = sum(row["errors"].values())
             lines.append(f"| {server} | {payload} | {concurrency} | {row['requests_per_s']:.1f} | "
                          f"{row['texts_per_s']:.1f} | {_fmt(row['p50_ms'])} | {_fmt(row['p95_ms'])} | "
-                         f"{_fmt(row['p99_ms'])} | {row['requests']} | {errors or ''} |")
+                         f"{_fmt(row['p99_ms'])} | {_fmt(row.get('texts_per_batch'))} | {row['requests']} | "
+                         f"{errors or ''} |")
         encode = info["encode"]
         if encode.get("ceiling"):
             best = max(encode["ceiling"], key=lambda r: r["texts_per_s"])
             lines.append(f"| encode() in a worker | batches of {best['batch']} | - | "
                          f"{best['texts_per_s'] / best['batch']:.1f} | {best['texts_per_s']:.1f} | | | | "
-                         f"{best['texts']} | |")
+                         f"{best['batch']} | {best['texts']} | |")
         if encode.get("direct"):
             best = min(encode["direct"], key=lambda r: r["p50_ms"])
             lines.append(f"| encode() in a worker | one text | 1 | | | {_fmt(best['p50_ms'])} | "
-                         f"{_fmt(best['p95_ms'])} | {_fmt(best['p99_ms'])} | {best['runs']} | |")
+                         f"{_fmt(best['p95_ms'])} | {_fmt(best['p99_ms'])} | 1 | {best['runs']} | |")
         lines.append("")
         priority = info.get("priority")
         if priority:

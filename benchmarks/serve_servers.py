@@ -126,6 +126,23 @@ class ServerProcess:
         return response.json()["data"][0]["id"]
 
 
+def batch_counters(base_url: str) -> dict | None:
+    """kalm-mlx's texts and encoder batches so far (summed over models) from ``GET /metrics``; None if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        response = httpx.get(base_url + "/metrics", timeout=30.0, trust_env=False)
+        response.raise_for_status()
+        totals = {"kalm_mlx_texts_total": 0.0, "kalm_mlx_batches_total": 0.0}
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+    except (httpx.HTTPError, ValueError):
+        return None
+    return {"texts": totals["kalm_mlx_texts_total"], "batches": totals["kalm_mlx_batches_total"]}
+
+
 def kalm_server(name: str, model: str, log_dir: Path, *, batching: bool = True) -> ServerProcess:
     """``kalm-mlx serve`` (run as ``python -m kalm_mlx.cli serve``) for one model, preloaded,
     batched or ``--no-batching``."""

@@ -141,6 +141,7 @@ def test_server_process_reports_a_server_that_dies_and_stops_one_that_runs(tmp_p
     with serve_servers.ServerProcess("http", [sys.executable, "-c", script], port, tmp_path / "ok.log") as server:
         assert server.ready_s is not None and server.model_id() == "x"
     assert server.process.returncode is not None  # stopped on exit
+    assert serve_servers.batch_counters(server.base_url) is None  # nothing listens any more
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
@@ -208,6 +209,7 @@ def test_smoke_run_measures_every_point_with_real_servers(smoke_results):
         assert (row["requests"], row["texts"], row["errors"]) == (settings.max_requests,
                                                                   settings.max_requests * size, {}), row
         assert row["texts_per_s"] > 0 and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert 1 <= row["texts_per_batch"] <= max(size, row["concurrency"] * size)  # from /metrics
     kalm = smoke_results["groups"]["kalm"]
     assert kalm["encode"]["ceiling"][0]["texts"] == settings.text_pool  # the whole pool, in batches of 4
     assert kalm["encode"]["direct"][0]["runs"] == settings.direct_runs

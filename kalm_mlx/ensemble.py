@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .embedder import Embedder, as_text_list
-from .fusion import FUSIONS, RRF_K, competition_ranks, fuse_rrf, fuse_scores, fuse_vectors
+from .fusion import FUSIONS, RRF_K, competition_ranks, fuse_ranking, fuse_rrf, fuse_scores, fuse_vectors
 from .hub import converted_folder
 from .api import load
 from .loading import release_memory
@@ -520,12 +520,7 @@ class Ensemble:
                     f"the model gives {query_vectors[name].shape[1]}"
                 )
             scores[name] = doc_vectors[name] @ query_vectors[name][0]
-        if fusion == "rrf":
-            fused = fuse_rrf(scores, self.weights, k)
-        else:
-            fused = fuse_scores(scores, self.weights)
-        order = np.argsort(-fused, kind="stable")[:top_k]
-        return [(int(index), float(fused[index])) for index in order]
+        return fuse_ranking(scores, self.weights, fusion, k, top_k)
 
     def _check_document_vectors(self, documents: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         given = {canonical_model_name(name): np.asarray(array, dtype=np.float32)

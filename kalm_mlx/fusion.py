@@ -56,6 +56,20 @@ def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) 
     return sum(weights[name] * values for name, values in arrays.items()) / total
 
 
+def fuse_ranking(scores: Mapping[str, np.ndarray], weights: Mapping[str, float], fusion: str = "rrf",
+                 k: float = RRF_K, top_k: int | None = None) -> list[tuple[int, float]]:
+    """Documents ranked by fused scores, best first: ``[(index, fused score), ...]``.
+
+    ``fusion`` is ``"rrf"`` (:func:`fuse_rrf` with ``k``) or ``"score"`` (:func:`fuse_scores`);
+    ``top_k`` keeps the best (all when None); ties keep document order.
+    """
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
+    fused = fuse_rrf(scores, weights, k) if fusion == "rrf" else fuse_scores(scores, weights)
+    order = np.argsort(-fused, kind="stable")[:top_k]
+    return [(int(index), float(fused[index])) for index in order]
+
+
 def fused_vector_scales(weights: Mapping[str, float]) -> dict[str, float]:
     """Per-model factors ``sqrt(w_m / sum w)`` for concatenating normalised vectors.
 

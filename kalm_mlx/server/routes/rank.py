@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Depends, Header, Request
 
-from ...fusion import fuse_rrf, fuse_scores
+from ...fusion import fuse_ranking
 from ..batcher import EmbedJob
 from ..catalog import ALL_MODELS
 from ..schemas import ErrorBody, RankRequest, RankResponse
@@ -54,15 +53,14 @@ async def rank(
         query, documents = results[2 * position], results[2 * position + 1]
         scores[name] = documents.vectors @ query.vectors[0]
     weights = {name: server.ensemble.weights[name] for name in names}
-    fused = fuse_rrf(scores, weights, body.k) if body.fusion == "rrf" else fuse_scores(scores, weights)
-    order = np.argsort(-fused, kind="stable")[: body.top_k]
+    ranking = fuse_ranking(scores, weights, body.fusion, body.k, body.top_k)
     tokens = sum(result.tokens for result in results)
     request.state.log["tokens"] = tokens
     return RankResponse(
         models=names,
         fusion=body.fusion,
         k=body.k,
-        results=[{"index": int(i), "score": float(fused[i])} for i in order],
+        results=[{"index": index, "score": score} for index, score in ranking],
         per_model={name: [float(s) for s in values] for name, values in scores.items()},
         usage={"prompt_tokens": tokens, "total_tokens": tokens},
     )

@@ -226,3 +226,18 @@ def test_a_model_that_cannot_be_loaded_answers_503_saying_why(tmp_path, monkeypa
     assert error["code"] == "model_unavailable" and "gte-base cannot be loaded" in error["message"]
     assert "offline" in error["message"].lower() or "HF_HUB_OFFLINE" in error["message"]
     assert health.status_code == 200
+
+
+def test_a_host_beyond_loopback_without_a_key_is_warned_about(offline_env, capfd):
+    """The warning comes before anything binds: here --preload fails (offline, nothing cached)."""
+    from kalm_mlx.server.config import ServerConfig
+    from kalm_mlx.server.run import serve
+    from kalm_mlx.settings import Settings
+
+    settings = Settings(models=("bge-base",), weights={"bge-base": 1.0})
+    assert ServerConfig(host="127.0.0.2").loopback and ServerConfig(host="localhost").loopback
+    assert serve(ServerConfig(host="0.0.0.0", port=0, preload=True), settings) == 2
+    log = capfd.readouterr().err
+    assert "listening on 0.0.0.0 without an API key" in log and "model not found" in log
+    assert serve(ServerConfig(host="0.0.0.0", port=0, preload=True, api_key="k"), settings) == 2
+    assert "without an API key" not in capfd.readouterr().err

@@ -124,7 +124,8 @@ def measure_ray(source: Path, work: Path, texts: int, single_seconds: float, pro
     from kalm_mlx.ray import embed_corpus as embed_corpus_on_ray
 
     started = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # 3 logical CPUs on 2 cores: the actors' 2, and the one Ray Data's own tasks need.
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     init_s = time.perf_counter() - started
     progress(f"ray.init: {init_s:.1f} s")
     rows = []

@@ -107,7 +107,7 @@ def run_on_ray(plan: JobPlan, manifest: Manifest, progress: bool, *, address: st
     if started:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     try:
-        check_resources(num_cpus, num_gpus)
+        check_resources(concurrency * len(plan.models), num_cpus, num_gpus)
         dataset = _job_dataset(plan, manifest, concurrency, num_cpus, num_gpus)
         with ShardSink(plan, manifest, progress) as sink:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -118,9 +118,13 @@ def run_on_ray(plan: JobPlan, manifest: Manifest, progress: bool, *, address: st
             ray.shutdown()
 
 
-def check_resources(num_cpus: float, num_gpus: float) -> None:
-    """Raise ValueError if no node of the Ray cluster has ``num_cpus`` CPUs and ``num_gpus`` GPUs
-    (an actor asking for more would wait for ever)."""
+def check_resources(actors: int, num_cpus: float, num_gpus: float) -> None:
+    """Raise ValueError where Ray would wait for ever instead of running the job.
+
+    That is when no node has ``num_cpus`` CPUs and ``num_gpus`` GPUs for an actor, or when
+    the ``actors`` together would hold every CPU of the cluster: Ray Data's own tasks (which
+    cut the rows into blocks for the actors) need one more.
+    """
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
@@ -128,6 +132,11 @@ def check_resources(num_cpus: float, num_gpus: float) -> None:
         have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes)
         raise ValueError(f"no Ray node has {num_cpus:g} CPUs and {num_gpus:g} GPUs for an actor "
                          f"(nodes: {have or 'none'})")
+    total = sum(r.get("CPU", 0) for r in nodes)
+    if actors * num_cpus > total - 1:
+        raise ValueError(f"{actors} actor(s) x {num_cpus:g} CPU would leave none of the cluster's "
+                         f"{total:g} CPUs to Ray Data's own tasks, which need one: use fewer actors "
+                         "or a smaller --num-cpus")
 
 
 def _job_dataset(plan: JobPlan, manifest: Manifest, concurrency: int, num_cpus: float, num_gpus: float):
@@ -144,6 +153,8 @@ def _job_dataset(plan: JobPlan, manifest: Manifest, concurrency: int, num_cpus: 
     dataset = ray.data.from_items(tasks, override_num_blocks=max(len(tasks), 1))
     # Reading takes no CPU of its own: an actor pool holding every CPU must not starve it.
     dataset = dataset.map_batches(read, batch_size=1, num_cpus=0)
+    # A file's rows arrive as one block, which one actor would embed alone: cut it up (streaming).
+    dataset = dataset.repartition(target_num_rows_per_block=RAY_BATCH_ROWS)
     for model in plan.models:
         dataset = dataset.map_batches(
             Embed, batch_size=RAY_BATCH_ROWS, compute=ray.data.ActorPoolStrategy(size=concurrency),

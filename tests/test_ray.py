@@ -88,9 +88,11 @@ def test_embed_in_a_users_pipeline_matches_encode(cluster, model, tmp_path):
     assert [row["text"] for row in rows] == texts
 
 
-def test_an_actor_larger_than_any_node_is_refused(cluster, model, tmp_path):
+def test_actors_the_cluster_cannot_run_are_refused(cluster, model, tmp_path):
     from kalm_mlx.ray import embed_corpus as embed_corpus_on_ray
 
     (tmp_path / "in.txt").write_text("one\n")
     with pytest.raises(ValueError, match=r"no Ray node has 3 CPUs and 0 GPUs for an actor \(nodes: 2 CPU/0 GPU\)"):
         embed_corpus_on_ray(tmp_path / "in.txt", tmp_path / "out", str(model), num_cpus=3, progress=False)
+    with pytest.raises(ValueError, match=r"2 actor\(s\) x 1 CPU would leave none of the cluster's 2 CPUs"):
+        embed_corpus_on_ray(tmp_path / "in.txt", tmp_path / "out", str(model), concurrency=2, progress=False)

@@ -17,6 +17,7 @@ optional extra: ``pip install 'kalm-mlx[ray]'``.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -27,7 +28,6 @@ from .corpus.job import JobPlan, ShardSink, run_job
 from .corpus.manifest import Manifest
 from .corpus.readers import BATCH_ROWS, Bad, BadRowError, read_records
 from .corpus.shards import Embedded
-import itertools
 
 __all__ = ["Embed", "embed_corpus"]
 

@@ -21,7 +21,14 @@ import pytest
 import kalm_mlx
 from convert import convert
 from kalm_mlx.cli import main as cli_main
-from kalm_mlx.corpus import MANIFEST, BadRowError, embed_corpus, embed_texts, find_inputs, read_manifest
+from kalm_mlx.corpus import (
+    MANIFEST,
+    BadRowError,
+    embed_corpus,
+    embed_texts,
+    find_inputs,
+    read_manifest,
+)
 from kalm_mlx.corpus.manifest import job_difference
 from kalm_mlx.corpus.readers import count_records
 from tests.helpers import make_qwen2_checkpoint
@@ -336,7 +343,7 @@ def test_job_difference_names_what_changed():
 def text_of_exactly_max_tokens(model) -> str:
     """A text the tokenizer gives exactly ``max_tokens`` ids without cutting it."""
     for words in range(1, 12):
-        for extra in range(0, 40):
+        for extra in range(40):
             text = " ".join(WORDS[:words]) + " " + "x" * extra
             before = model.truncated_texts
             if len(model.tokenize(text)[0]) == model.max_tokens and model.truncated_texts == before:
@@ -352,7 +359,7 @@ def test_embed_texts_counts_tokens_and_truncation_exactly(models):
     assert truncated.tolist() == [True, True, False, False]  # "P: " + exact is one token too long
     assert tokens.tolist() == [len(ids) for ids in model.tokenize(["P: " + t for t in texts])]
     assert np.abs(got - model.encode(texts, prompt="P: ")).max() < 1e-6
-    plain, _, truncated = embed_texts(model, texts)
+    _, _, truncated = embed_texts(model, texts)
     assert truncated.tolist() == [False, True, False, False]  # exactly at the limit is not truncated
 
 

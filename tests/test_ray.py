@@ -11,7 +11,13 @@ import pytest
 
 import kalm_mlx
 from kalm_mlx.corpus import MANIFEST, embed_corpus, read_manifest
-from tests.test_corpus import corpus_texts, read_index, tiny_model, vectors, write_corpus
+from tests.test_corpus import (
+    corpus_texts,
+    read_index,
+    tiny_model,
+    vectors,
+    write_corpus,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -48,7 +54,7 @@ OPTIONS = {"keep_text": True, "shard_rows": 6, "batch_size": 4, "skip_bad_rows":
 def test_ray_output_equals_the_single_machine_output(cluster, model, corpus, tmp_path):
     from kalm_mlx.ray import embed_corpus as embed_corpus_on_ray
 
-    folder, expected = corpus
+    folder, _ = corpus
     single = embed_corpus(folder, tmp_path / "single", str(model), **OPTIONS)
     on_ray = embed_corpus_on_ray(folder, tmp_path / "ray", str(model), concurrency=1, **OPTIONS)
     a, b = read_index(tmp_path / "single"), read_index(tmp_path / "ray")

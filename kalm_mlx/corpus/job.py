@@ -24,7 +24,15 @@ from .. import __version__, load
 from ..ensemble import Ensemble
 from .encoding import KINDS, embed_texts, job_prompt
 from .manifest import MANIFEST, Manifest, job_difference, read_manifest
-from .readers import Bad, BadRowError, InputFile, check_columns, count_records, find_inputs, read_records
+from .readers import (
+    Bad,
+    BadRowError,
+    InputFile,
+    check_columns,
+    count_records,
+    find_inputs,
+    read_records,
+)
 from .shards import Embedded, ShardCutter, ShardWriter, shard_schema
 
 DEFAULT_SHARD_ROWS = 10_000
@@ -184,6 +192,8 @@ class JobPlan:
             raise ValueError(f"dim must be a positive integer, not {dim!r}")
         if not text_column or (id_column is not None and not id_column):
             raise ValueError("column names must not be empty")
+        if isinstance(models, os.PathLike):
+            models = [os.fspath(models)]
         names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
         output = Path(output).expanduser().resolve()
         files = find_inputs(inputs, exclude=output)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,23 @@ def test_query_kind_and_instruction_use_the_query_prompt(models, corpus, tmp_pat
     prompts = [json.loads((o / MANIFEST).read_text())["models"][0]["prompt"]
                for o in (tmp_path / "out", tmp_path / "out2")]
     assert prompts == ["", model.query_prompt()]
+
+
+def test_dim_truncates_every_model(models, corpus, tmp_path):
+    # A copy of tiny-a that says it was trained for Matryoshka dims 64 and 32.
+    folder = tmp_path / "tiny-m"
+    shutil.copytree(models["tiny-a"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["kalm_mlx"].update(name="tiny-m", matryoshka_dims=[64, 32])
+    (folder / "config.json").write_text(json.dumps(config))
+    texts = [text for _, text in corpus[1]][:20]
+    (tmp_path / "in.txt").write_text("".join(t + "\n" for t in texts))
+    embed_corpus(tmp_path / "in.txt", tmp_path / "out", str(folder), dim=32, progress=False)
+    table = read_index(tmp_path / "out")
+    assert table.schema.field("tiny-m").type == pa.list_(pa.float32(), 32)
+    reference = kalm_mlx.load(folder).encode_documents(texts, truncate_dim=32)
+    assert np.abs(vectors(table, "tiny-m") - reference).max() < 1e-6
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["models"][0]["dim"] == 32
 
 
 def test_id_column_and_read_back_with_duckdb_and_pandas(models, tmp_path):
@@ -372,6 +390,7 @@ def test_cli_with_real_minilm_and_progress(tmp_path, capsys, monkeypatch):
                      "--shard-rows", "3"]) == 0
     err = capsys.readouterr().err
     assert "4 texts in 2 shard(s)" in err and "truncated texts: 1 (minilm)" in err and "texts/s" in err
+    assert "4/4" in err and "tok/s" in err  # the progress bar, in texts, with tokens/s
     reference = kalm_mlx.load("minilm").encode_documents(texts)
     assert np.abs(vectors(read_index(tmp_path / "out"), "minilm") - reference).max() < 1e-6
     assert cli_main(["index", str(tmp_path / "docs.jsonl"), "-o", str(tmp_path / "out"), "--quiet",

@@ -6,7 +6,9 @@ Shared by the single-machine job and the Ray actor, so that both give the same v
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,26 +28,62 @@ def job_prompt(embedder, kind: str, instruction: str | None = None) -> str:
     return embedder.prompts.get("document", "")
 
 
+@dataclass
+class Tokenized:
+    """Texts as one model's token ids, with the counts the job reports."""
+
+    ids: list[list[int]]
+    tokens: np.ndarray
+    """Tokens per text (prompt and special tokens included, after truncation)."""
+    truncated: np.ndarray
+    """Whether each text was cut to the model's token limit."""
+
+
+def tokenize_texts(embedder, texts: Sequence[str], prompt: str = "") -> Tokenized:
+    """``texts`` with ``prompt`` prepended, tokenised exactly as ``encode()`` tokenises them.
+
+    Uses only the tokenizer, so it may run on another thread than the one encoding, as
+    long as no other thread tokenises with the same embedder at the same time (the count
+    of truncated texts is read around it). Run it under :func:`counted_warnings_off`.
+    """
+    prompted = [prompt + text for text in texts] if prompt else list(texts)
+    before = embedder.truncated_texts
+    ids = embedder.tokenize(prompted)
+    truncated = _truncated_flags(embedder, prompted, ids, embedder.truncated_texts - before)
+    tokens = np.fromiter((len(seq) for seq in ids), dtype=np.int64, count=len(ids))
+    return Tokenized(ids, tokens, truncated)
+
+
+def encode_tokenized(embedder, tokenized: Tokenized, dim: int | None = None, batch_size: int = 32) -> np.ndarray:
+    """The vectors ``encode()`` gives for the texts behind ``tokenized`` (zeros for empty ones)."""
+    return embedder.encode_tokens(tokenized.ids, batch_size=batch_size, truncate_dim=dim)
+
+
+@contextmanager
+def counted_warnings_off() -> Iterator[None]:
+    """Silence the truncation and empty-text warnings, which the job counts instead.
+
+    ``warnings.catch_warnings`` is process-wide and not thread-safe: enter this once, on the
+    thread that starts the job's other threads, around all of them.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncationWarning)
+        warnings.simplefilter("ignore", EmptyTextWarning)
+        yield
+
+
 def embed_texts(embedder, texts: Sequence[str], prompt: str = "", dim: int | None = None,
                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embed ``texts`` as ``embedder.encode(texts, prompt=prompt, truncate_dim=dim)`` does.
 
-    Returns (vectors, tokens per text, which texts were truncated). The counts come from
-    :meth:`~kalm_mlx.Embedder.tokenize` (about 1 % of the encoding time), so a truncated
-    text counts twice in ``embedder.truncated_texts``. The per-call truncation and
-    empty-text warnings are silenced: the caller counts those texts instead.
+    Returns (vectors, tokens per text, which texts were truncated); the texts are
+    tokenised once (:func:`tokenize_texts`, then :func:`encode_tokenized`), and the
+    warnings the counts replace are silenced. For one thread at a time.
     """
-    texts = list(texts)
-    prompted = [prompt + text for text in texts] if prompt else texts
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TruncationWarning)
-        warnings.simplefilter("ignore", EmptyTextWarning)
-        before = embedder.truncated_texts
-        ids = embedder.tokenize(prompted)
-        truncated = _truncated_flags(embedder, prompted, ids, embedder.truncated_texts - before)
-        vectors = embedder.encode(texts, prompt=prompt, batch_size=batch_size, truncate_dim=dim)
-    tokens = np.fromiter((len(seq) for seq in ids), dtype=np.int64, count=len(ids))
-    return vectors, tokens, truncated
+    with counted_warnings_off():
+        tokenized = tokenize_texts(embedder, texts, prompt)
+        vectors = encode_tokenized(embedder, tokenized, dim, batch_size)
+    return vectors, tokenized.tokens, tokenized.truncated
 
 
 def _truncated_flags(embedder, texts: list[str], ids: list[list[int]], count: int) -> np.ndarray:

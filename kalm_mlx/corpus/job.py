@@ -1,7 +1,7 @@
 """``embed_corpus``: files in, Parquet shards and a manifest out, resumable.
 
-Three threads share the work: a reader thread reads and checks the rows and cuts them
-into chunks (a bounded queue holds a few ahead), the calling thread encodes each chunk
+Three threads share the work: a reader thread reads and checks the rows, cuts them into
+chunks and tokenises them (a bounded queue holds a few ahead), the calling thread encodes each chunk
 with every model (all MLX work stays on it), and a writer thread writes the finished
 shards and the manifest. Chunks are cut at the same places in every run (never across
 a shard boundary or a file), so a resumed job encodes exactly the batches an
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import __version__, load
 from ..ensemble import Ensemble
-from .encoding import KINDS, embed_texts, job_prompt
+from .encoding import KINDS, Tokenized, counted_warnings_off, encode_tokenized, job_prompt, tokenize_texts
 from .manifest import MANIFEST, Manifest, job_difference, read_manifest
 from .readers import (
     Bad,
@@ -42,8 +42,8 @@ CHUNK_ROWS = 2048
 larger call pads less: on a long-tailed corpus, calls of 512 texts cost 8 % more padded
 tokens than one call on everything, calls of 2048 about 1 %. The progress bar moves once
 per call."""
-QUEUE_CHUNKS = 4
-"""Chunks the reader may hold ready ahead of the encoder."""
+QUEUE_CHUNKS = 2
+"""Chunks the reader may hold ready (read and tokenised) ahead of the encoder."""
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -57,6 +57,8 @@ class Chunk:
     rows: list[int] = field(default_factory=list)
     bad: list[int] = field(default_factory=list)
     end: int = 0
+    tokenized: dict[str, Tokenized] = field(default_factory=dict)
+    """Column -> the texts as that model's token ids (filled on the reader thread)."""
 
 
 @dataclass
@@ -294,18 +296,29 @@ class JobPlan:
 
 def run_single_machine(plan: JobPlan, manifest: Manifest, progress: bool) -> None:
     """Encode what is left of the job on this machine, shard by shard, into ``manifest``."""
-    reader = ChunkReader(plan, plan.start(manifest))
+    # The reader thread tokenises with each model's tokenizer while this thread encodes.
+    # The job's ensemble has no memory budget, so these embedders stay loaded throughout.
+    tokenizers = {}
+    for model in plan.models:
+        with plan.ensemble.use(model["model"]) as embedder:
+            tokenizers[model["column"]] = (embedder, model["prompt"])
+    with counted_warnings_off():
+        _encode_chunks(plan, manifest, progress, ChunkReader(plan, plan.start(manifest), tokenizers))
+
+
+def _encode_chunks(plan: JobPlan, manifest: Manifest, progress: bool, reader: ChunkReader) -> None:
     try:
         with ShardSink(plan, manifest, progress) as sink:
             for chunk in reader:
-                vectors, counts, truncated = {}, {}, {}
+                vectors = {}
                 for model in plan.models:
                     column = model["column"]
                     with plan.ensemble.use(model["model"]) as embedder:
-                        vectors[column], counts[column], truncated[column] = embed_texts(
-                            embedder, chunk.texts, model["prompt"], plan.dim, plan.batch_size)
+                        vectors[column] = encode_tokenized(embedder, chunk.tokenized[column], plan.dim,
+                                                           plan.batch_size)
                 sink.add(Embedded(chunk.input_index, chunk.ids, chunk.texts, chunk.rows, vectors,
-                                  counts, truncated, chunk.bad, chunk.end))
+                                  {c: t.tokens for c, t in chunk.tokenized.items()},
+                                  {c: t.truncated for c, t in chunk.tokenized.items()}, chunk.bad, chunk.end))
     finally:
         reader.close()
 
@@ -364,7 +377,7 @@ class ShardSink:
 
 
 class ChunkReader:
-    """Reads the inputs on a thread of its own into chunks of at most ``CHUNK_ROWS`` good rows.
+    """Reads (and tokenises) the inputs on a thread of its own, in chunks of at most ``CHUNK_ROWS`` good rows.
 
     Iterating gives the chunks in input order; an error on the reader thread (a bad row
     without ``skip_bad_rows``, an unreadable file) is raised there. Chunks end at every
@@ -372,9 +385,11 @@ class ChunkReader:
     after a shard's start, which makes them the same in every run of a job.
     """
 
-    def __init__(self, plan: JobPlan, start: tuple[int, int]):
+    def __init__(self, plan: JobPlan, start: tuple[int, int], tokenizers: dict[str, tuple] | None = None):
         self.plan = plan
         self.start = start
+        self.tokenizers = tokenizers or {}
+        """Column -> (embedder, prompt): each chunk is tokenised for every model here."""
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kalm-mlx-corpus-reader", daemon=True)
@@ -408,6 +423,8 @@ class ChunkReader:
     def _run(self) -> None:
         try:
             for chunk in chunk_records(self.plan, self.start):
+                for column, (embedder, prompt) in self.tokenizers.items():
+                    chunk.tokenized[column] = tokenize_texts(embedder, chunk.texts, prompt)
                 if not self._put(chunk):
                     return
             self._put(None)

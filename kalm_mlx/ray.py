@@ -100,7 +100,10 @@ def embed_corpus(inputs, output, models: str | Sequence[str] = "minilm", *, addr
 def run_on_ray(plan: JobPlan, manifest: Manifest, progress: bool, *, address: str | None,
                concurrency: int, num_cpus: float, num_gpus: float) -> None:
     """The Ray Data runner of :func:`~kalm_mlx.corpus.job.run_job`."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("--ray needs Ray Data: pip install 'kalm-mlx[ray]'") from None
 
     plan.ensemble.unload()  # the models were loaded here only to describe them
     started = not ray.is_initialized()
@@ -142,6 +145,7 @@ def check_resources(actors: int, num_cpus: float, num_gpus: float) -> None:
 def _job_dataset(plan: JobPlan, manifest: Manifest, concurrency: int, num_cpus: float, num_gpus: float):
     import ray.data
 
+    # Settings of this process's current DataContext, which later datasets keep.
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows come back in input order
     context.enable_progress_bars = False  # the job has its own

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -102,3 +103,12 @@ def test_actors_the_cluster_cannot_run_are_refused(cluster, model, tmp_path):
         embed_corpus_on_ray(tmp_path / "in.txt", tmp_path / "out", str(model), num_cpus=3, progress=False)
     with pytest.raises(ValueError, match=r"2 actor\(s\) x 1 CPU would leave none of the cluster's 2 CPUs"):
         embed_corpus_on_ray(tmp_path / "in.txt", tmp_path / "out", str(model), concurrency=2, progress=False)
+
+
+def test_without_ray_the_error_says_what_to_install(model, tmp_path, monkeypatch):
+    from kalm_mlx.ray import embed_corpus as embed_corpus_on_ray
+
+    (tmp_path / "in.txt").write_text("one\n")
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(RuntimeError, match=r"pip install 'kalm-mlx\[ray\]'"):
+        embed_corpus_on_ray(tmp_path / "in.txt", tmp_path / "out", str(model), progress=False)

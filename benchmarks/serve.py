@@ -476,7 +476,8 @@ def plot(results: dict, path: Path) -> Path:
         ax.set_ylabel("ms")
         ax.set_title("Single texts under bulk load")
         ax.legend(fontsize=7)
-    fig.text(0.01, 0.01, report.stamp(results), fontsize=6)
+    fig.text(0.01, 0.01, f"{report.stamp(results)}; load average {results['machine'].get('load_average')} "
+                         f"at the start, {results['machine'].get('load_average_end')} at the end", fontsize=6)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path)
     plt.close(fig)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MANIFEST = "_manifest.json"
-"""The leading underscore makes pyarrow, pandas and polars datasets skip it when reading the folder."""
+"""The leading underscore makes pyarrow and pandas skip it when they read the folder as a dataset."""
 FORMAT = "kalm-mlx-corpus/1"
 SHARD_PATTERN = "part-{:05d}.parquet"
 

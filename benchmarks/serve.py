@@ -270,8 +270,12 @@ def _minilm_group(model: str, folder: Path, settings: Settings, texts: list[str]
             versions = serve_servers.infinity_versions(infinity)
             if "error" not in versions:
                 results["runtimes"][INFINITY] = {"kind": "torch", "main": True, "info": versions}
-            servers[INFINITY] = _start_server(serve_servers.infinity_server(infinity, folder, log_dir),
-                                              results, stack, progress)
+            try:
+                servers[INFINITY] = _start_server(serve_servers.infinity_server(infinity, folder, log_dir),
+                                                  results, stack, progress)
+            except serve_servers.ServerError as err:  # its own install is broken: measure the rest
+                results["notes"].append(f"Infinity not measured: {err}")
+                progress(f"  Infinity did not start: {err}")
         worker = _start_worker("encode() in a worker (MiniLM)", folder, log_dir, results, stack)
         for round_index in range(settings.rounds):
             progress(f" round {round_index + 1} of {settings.rounds}")

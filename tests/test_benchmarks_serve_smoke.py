@@ -189,11 +189,14 @@ def tiny_converted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smoke_results(tiny_converted):
-    """The whole benchmark with smoke settings: both groups on the tiny model, no Infinity."""
+def smoke_results(tiny_converted, tmp_path_factory):
+    """The whole benchmark with smoke settings: both groups on the tiny model, and an Infinity that fails."""
+    broken = tmp_path_factory.mktemp("broken-infinity") / "infinity_emb"
+    broken.write_text("#!/bin/sh\necho 'no torch here' >&2\nexit 1\n")
+    broken.chmod(0o755)
     return serve.run_serve_benchmark(serve.Settings.smoke(), kalm_folder=tiny_converted,
                                      minilm=str(tiny_converted), minilm_folder=tiny_converted,
-                                     progress=lambda message: None)
+                                     infinity=broken, progress=lambda message: None)
 
 
 def test_smoke_run_measures_every_point_with_real_servers(smoke_results):
@@ -232,9 +235,9 @@ def test_smoke_run_stops_every_server(smoke_results):
 def test_smoke_ratios_and_report(smoke_results, tmp_path):
     ratios = smoke_results["ratios"]
     assert set(ratios) == set(serve.TARGETS)
-    assert ratios["minilm_c16_vs_infinity"] is None  # no Infinity in the smoke run
+    assert ratios["minilm_c16_vs_infinity"] is None  # Infinity did not start: the rest was measured
     assert all(ratios[key] > 0 for key in ratios if key != "minilm_c16_vs_infinity")
-    assert any("Infinity not measured" in note for note in smoke_results["notes"])
+    assert any("Infinity not measured" in note and "no torch here" in note for note in smoke_results["notes"])
     paths = serve.write(smoke_results, tmp_path)
     assert [p.name for p in paths] == ["serve.json", "serve.md", "serve.png"]
     assert json.loads((tmp_path / "serve.json").read_text())["ratios"] == ratios

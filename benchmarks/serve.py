@@ -39,7 +39,14 @@ from pathlib import Path
 from . import report, serve_servers
 from .run import Progress, Worker
 from .runtimes import machine_info
-from .serve_load import closed_loop, embeddings_body, latency_stats, make_client, priority_run, short_texts
+from .serve_load import (
+    closed_loop,
+    embeddings_body,
+    latency_stats,
+    make_client,
+    priority_run,
+    short_texts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

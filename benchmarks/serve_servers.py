@@ -164,7 +164,7 @@ def find_infinity(explicit: str | Path | None = None) -> Path | None:
 
 
 def infinity_server(executable: Path, folder: Path, log_dir: Path, *, batch_size: int = 32) -> ServerProcess:
-    """Infinity (``infinity_emb v2``) on ``folder`` with the torch engine on the CPU (its API under /v1, health at /health)."""
+    """Infinity (``infinity_emb v2``) on ``folder``, torch engine on the CPU; its API under /v1, health at /health."""
     port = free_port()
     command = [str(executable), "v2", "--model-id", str(folder), "--served-model-name", "minilm",
                "--engine", "torch", "--device", "cpu", "--batch-size", str(batch_size),

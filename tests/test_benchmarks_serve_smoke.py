@@ -129,14 +129,14 @@ def test_make_client_holds_a_connection_per_client():
 def test_server_process_reports_a_server_that_dies_and_stops_one_that_runs(tmp_path):
     dead = serve_servers.ServerProcess("dead", [sys.executable, "-c", "print('no luck'); raise SystemExit(3)"],
                                        serve_servers.free_port(), tmp_path / "dead.log")
-    with pytest.raises(serve_servers.ServerError, match=r"status 3(.|\n)*no luck"):
-        with dead:
-            pass
+    with pytest.raises(serve_servers.ServerError, match=r"status 3(.|\n)*no luck"), dead:
+        pass
     port = serve_servers.free_port()
     script = ("import http.server as h, sys\n"
               "class H(h.BaseHTTPRequestHandler):\n"
               "    def do_GET(self):\n"
-              "        self.send_response(200); self.end_headers(); self.wfile.write(b'{\"data\": [{\"id\": \"x\"}]}')\n"
+              "        self.send_response(200); self.end_headers()\n"
+              "        self.wfile.write(b'{\"data\": [{\"id\": \"x\"}]}')\n"
               f"h.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
     with serve_servers.ServerProcess("http", [sys.executable, "-c", script], port, tmp_path / "ok.log") as server:
         assert server.ready_s is not None and server.model_id() == "x"

@@ -317,6 +317,13 @@ class Embedder:
         text_list = as_text_list(texts)
         return self._tokenize(text_list) if text_list else []
 
+    def tokenize_with_truncation(self, texts: str | Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids as :meth:`tokenize` gives them, and for each text whether it was cut to
+        :attr:`max_tokens`; for callers that count truncation themselves (no TruncationWarning)."""
+        text_list = as_text_list(texts)
+        encodings = self._encode_batch(text_list) if text_list else []
+        return [enc.ids for enc in encodings], [bool(enc.overflowing) for enc in encodings]
+
     # --- internals -----------------------------------------------------------------------
 
     def _resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str:
@@ -369,12 +376,16 @@ class Embedder:
             out.append(ids.astype(np.int64).tolist())
         return out
 
+    def _encode_batch(self, texts: list[str]) -> list:
+        """The tokenizer's encodings of ``texts`` (truncated to max_tokens); counts truncated texts."""
+        encodings = self.tokenizer.encode_batch(_replace_lone_surrogates(texts), add_special_tokens=True)
+        self.truncated_texts += sum(1 for enc in encodings if enc.overflowing)
+        return encodings
+
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        texts = _replace_lone_surrogates(texts)
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        encodings = self._encode_batch(texts)
         truncated = sum(1 for enc in encodings if enc.overflowing)
         if truncated:
-            self.truncated_texts += truncated
             warnings.warn(
                 f"{truncated} of {len(texts)} text(s) exceeded {self.max_tokens} tokens "
                 f"and were truncated",

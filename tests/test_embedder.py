@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -160,6 +161,20 @@ def test_truncation_is_counted(small_model):
         model.encode([long, "short"])
     assert model.truncated_texts == 1
     assert len(model.tokenize(long)[0]) == model.max_tokens
+
+
+def test_tokenize_with_truncation_flags_each_text(small_model):
+    model = copy.copy(small_model)
+    model.truncated_texts = 0
+    long = "word " * 2000
+    exact = model.tokenize(long)[0]  # max_tokens ids of a text that was cut
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the caller counts: no TruncationWarning
+        ids, cut = model.tokenize_with_truncation(["short", long, "short again"])
+    assert cut == [False, True, False] and ids == model.tokenize(["short", long, "short again"])
+    assert len(ids[1]) == len(exact) == model.max_tokens
+    assert model.truncated_texts == 3  # counted like encode(): once here, twice by tokenize above
+    assert model.tokenize_with_truncation([]) == ([], [])
 
 
 def test_empty_text_gives_zero_vector_and_warning(small_model):

@@ -109,7 +109,6 @@ class FakeEmbedder:
         self.max_batch_tokens = max_batch_tokens
         self.prompts = {"query": "q:", "document": ""}
         self.meta = {"query_template": None}
-        self.truncated_texts = 0
         self.batches: list[list[list[int]]] = []
 
     def query_prompt(self, instruction=None):
@@ -117,10 +116,9 @@ class FakeEmbedder:
             raise ValueError(f"{self.name} takes no instruction")
         return self.prompts["query"]
 
-    def tokenize(self, texts):
+    def tokenize_with_truncation(self, texts):
         ids = [[ord(c) for c in text] for text in texts]
-        self.truncated_texts += sum(len(seq) > self.max_tokens for seq in ids)
-        return [seq[: self.max_tokens] for seq in ids]
+        return [seq[: self.max_tokens] for seq in ids], [len(seq) > self.max_tokens for seq in ids]
 
     def check_token_ids(self, token_ids):
         for i, seq in enumerate(token_ids):

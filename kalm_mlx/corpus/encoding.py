@@ -42,14 +42,11 @@ class Tokenized:
 def tokenize_texts(embedder, texts: Sequence[str], prompt: str = "") -> Tokenized:
     """``texts`` with ``prompt`` prepended, tokenised exactly as ``encode()`` tokenises them.
 
-    Uses only the tokenizer, so it may run on another thread than the one encoding, as
-    long as no other thread tokenises with the same embedder at the same time (the count
-    of truncated texts is read around it). Run it under :func:`counted_warnings_off`.
+    Uses only the tokenizer, so it may run on another thread than the one encoding.
     """
     prompted = [prompt + text for text in texts] if prompt else list(texts)
-    before = embedder.truncated_texts
-    ids = embedder.tokenize(prompted)
-    truncated = _truncated_flags(embedder, prompted, ids, embedder.truncated_texts - before)
+    ids, cut = embedder.tokenize_with_truncation(prompted)
+    truncated = np.array(cut, dtype=bool)
     tokens = np.fromiter((len(seq) for seq in ids), dtype=np.int64, count=len(ids))
     return Tokenized(ids, tokens, truncated)
 
@@ -84,23 +81,3 @@ def embed_texts(embedder, texts: Sequence[str], prompt: str = "", dim: int | Non
         tokenized = tokenize_texts(embedder, texts, prompt)
         vectors = encode_tokenized(embedder, tokenized, dim, batch_size)
     return vectors, tokenized.tokens, tokenized.truncated
-
-
-def _truncated_flags(embedder, texts: list[str], ids: list[list[int]], count: int) -> np.ndarray:
-    """Which texts the tokenizer cut, given how many it cut (``count``).
-
-    A cut text has exactly ``max_tokens`` ids; when more texts than ``count`` are that long
-    (some fit exactly), each candidate is tokenised alone to tell them apart.
-    """
-    flags = np.zeros(len(ids), dtype=bool)
-    if not count:
-        return flags
-    at_limit = [i for i, seq in enumerate(ids) if len(seq) >= embedder.max_tokens]
-    if len(at_limit) == count:
-        flags[at_limit] = True
-        return flags
-    for i in at_limit:
-        before = embedder.truncated_texts
-        embedder.tokenize([texts[i]])
-        flags[i] = embedder.truncated_texts > before
-    return flags

@@ -549,11 +549,10 @@ class Batcher:
         if job.texts is not None:
             prompt = self._prompt(job, embedder)
             texts = [prompt + text for text in job.texts] if prompt else list(job.texts)
-            before = embedder.truncated_texts
-            ids = embedder.tokenize(texts)
-            truncated = embedder.truncated_texts - before
+            ids, cut = embedder.tokenize_with_truncation(texts)
+            truncated = sum(cut)
             if truncated and not job.truncate:
-                index = self._first_truncated(embedder, texts, ids)
+                index = cut.index(True)
                 raise InputError(
                     f"input[{index}] is longer than {embedder.name}'s limit of {embedder.max_tokens} "
                     "tokens (prompt included); shorten it or leave truncate on", "input")
@@ -594,17 +593,6 @@ class Batcher:
             raise InputError(f"{embedder.name} gives vectors of {', '.join(map(str, trained))} "
                              f"dimensions, not {dims}", "dimensions")
         return dims
-
-    @staticmethod
-    def _first_truncated(embedder, texts: list[str], ids: list[list[int]]) -> int:
-        """Index of the first text the tokenizer had to cut (only texts that reached the limit may)."""
-        for index, seq in enumerate(ids):
-            if len(seq) >= embedder.max_tokens:
-                before = embedder.truncated_texts
-                embedder.tokenize([texts[index]])
-                if embedder.truncated_texts > before:
-                    return index
-        raise AssertionError("a text was truncated but none reached the limit")
 
     def _encode(self, model: str, batch: list[Entry]) -> int:
         """Encode one batch and hand out its vectors; returns the texts of the jobs it finished."""

@@ -71,7 +71,7 @@ def markdown(results: dict) -> str:
         for name, other in results.get("ratios_vs", {}).items():
             lines.append(f"| mixed corpus throughput, kalm-mlx / {name} | {other['mixed_throughput']:.2f}x "
                          f"| >= 1.0 (goal) | {'yes' if other['mixed_throughput'] >= 1.0 else 'no'} |")
-            lines.append(f"| short-text batch / one short text p50, kalm-mlx vs {name} | "
+            lines.append(f"| short-text batch throughput / one short text p50 latency, kalm-mlx vs {name} | "
                          f"{other['short_batch_throughput']:.2f}x / {other['short_p50_latency']:.2f}x | | |")
         first = runtimes[main[0]]
         mfu = first["fixed"].get("mfu")

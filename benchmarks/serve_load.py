@@ -2,7 +2,9 @@
 
 Every client sends one request, waits for its answer, then sends the next (a closed loop,
 as Engram's clients do), until the point's request count or its time cap is reached.
-Warm-up requests (one per client by default) run first and are not recorded. A request
+Warm-up requests (one per client by default) run first and are not recorded; throughput
+counts the requests served in the steady state, from when the last client has warmed up to
+when the first one stops, so that no warm-up work is inside the window. A request
 counts as served only when the answer is 200 and holds one vector per input text; any
 other answer is counted as an error by status (or exception name), never timed.
 """
@@ -66,12 +68,15 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
     wall_s: float = 0.0
+    """Length of the steady-state window (see :func:`closed_loop`)."""
+    window_requests: int = 0
+    """Requests served within the window: requests/s is this over ``wall_s``."""
     hit_time_cap: bool = False
 
     def summary(self) -> dict:
         """The JSON row: counts, requests/s, texts/s and latency percentiles."""
         served = len(self.latencies_s)
-        rate = served / self.wall_s if self.wall_s > 0 else 0.0
+        rate = self.window_requests / self.wall_s if self.wall_s > 0 else 0.0
         return {
             "concurrency": self.concurrency,
             "texts_per_request": self.texts_per_request,
@@ -79,6 +84,7 @@ class LoadResult:
             "texts": served * self.texts_per_request,
             "errors": dict(self.errors),
             "seconds": round(self.wall_s, 3),
+            "window_requests": self.window_requests,
             "hit_time_cap": self.hit_time_cap,
             "requests_per_s": round(rate, 2),
             "texts_per_s": round(rate * self.texts_per_request, 2),
@@ -113,10 +119,13 @@ async def closed_loop(client: httpx.AsyncClient, url: str, bodies: list[dict], *
                       headers: dict | None = None, stop: asyncio.Event | None = None) -> LoadResult:
     """Run ``concurrency`` closed-loop clients over ``bodies`` (cycled) and time each request.
 
-    Each client first sends ``warmup_per_client`` requests that are left out. At most
-    ``requests`` requests are timed; none starts ``time_cap_s`` after the first timed one
-    (the ones in flight finish and count), nor after ``stop`` is set. The wall time (for
-    requests/s) runs from the first timed request to the end of the last.
+    Each client first sends ``warmup_per_client`` requests that are left out, then timed
+    ones. The steady-state window opens when the last client has warmed up, and closes
+    when the first client stops: after ``requests`` timed requests in all, ``time_cap_s``
+    into the window, or when ``stop`` is set (the requests in flight finish and count).
+    Throughput is the requests served within the window over its length; when none was
+    (too few requests for the clients), it is every timed request over the time from the
+    first one's start to the last one's end.
     """
     if concurrency < 1 or requests < 0 or not bodies:
         raise ValueError("concurrency must be >= 1, requests >= 0 and bodies not empty")
@@ -124,36 +133,49 @@ async def closed_loop(client: httpx.AsyncClient, url: str, bodies: list[dict], *
     per_request = 1 if isinstance(texts, str) else len(texts)
     result = LoadResult(concurrency, per_request)
     cycle = itertools.count()
+    issued = itertools.count()
+    warmed = 0
+    window: dict[str, float] = {}
+    first_sent: list[float] = []
+    served_at: list[float] = []
 
     def next_body() -> dict:
         return bodies[next(cycle) % len(bodies)]
 
-    issued = itertools.count()
-    first_timed: list[float] = []
-
     async def one_client() -> None:
+        nonlocal warmed
         # Each client warms up on its own and goes straight on: no barrier, so no connection
         # sits idle long enough for the server to close it under the client (a keep-alive race).
         for _ in range(warmup_per_client):
             await _post(client, url, next_body(), headers, per_request)
+        warmed += 1
+        if warmed == concurrency:
+            window["start"] = time.perf_counter()
         while True:
-            if next(issued) >= requests or (stop is not None and stop.is_set()):
+            now = time.perf_counter()
+            capped = "start" in window and now >= window["start"] + time_cap_s
+            if capped or next(issued) >= requests or (stop is not None and stop.is_set()):
+                result.hit_time_cap |= capped
+                window.setdefault("end", now)
                 return
-            if first_timed and time.perf_counter() >= first_timed[0] + time_cap_s:
-                result.hit_time_cap = True
-                return
-            sent = time.perf_counter()
-            if not first_timed:
-                first_timed.append(sent)
+            if not first_sent:
+                first_sent.append(now)
             error = await _post(client, url, next_body(), headers, per_request)
+            done = time.perf_counter()
             if error is None:
-                result.latencies_s.append(time.perf_counter() - sent)
+                result.latencies_s.append(done - now)
+                served_at.append(done)
             else:
                 result.errors[error] += 1
             await asyncio.sleep(0)  # let the other clients run even if the transport never waited
 
     await asyncio.gather(*(one_client() for _ in range(concurrency)))
-    result.wall_s = time.perf_counter() - first_timed[0] if first_timed else 0.0
+    opened, closed = window.get("start", 0.0), window.get("end", 0.0)
+    in_window = sum(1 for t in served_at if opened <= t <= closed)
+    if in_window:
+        result.wall_s, result.window_requests = closed - opened, in_window
+    elif served_at:
+        result.wall_s, result.window_requests = max(served_at) - first_sent[0], len(served_at)
     return result
 
 

@@ -83,6 +83,7 @@ def test_closed_loop_counts_requests_and_leaves_warm_up_out():
     assert len(log) == 2 * 4 + 10  # two warm-up rounds of 4, then the 10 timed requests
     assert (row["requests"], row["texts"], row["texts_per_request"], row["errors"]) == (10, 20, 2, {})
     assert not row["hit_time_cap"] and row["texts_per_s"] == pytest.approx(2 * row["requests_per_s"], rel=0.01)
+    assert 1 <= row["window_requests"] <= 10
     assert {body["input"][0] for body, _ in log} == {"t0", "t1", "t2"}  # the bodies are cycled
 
 
@@ -212,6 +213,7 @@ def test_smoke_run_measures_every_point_with_real_servers(smoke_results):
         assert (row["requests"], row["texts"], row["errors"]) == (settings.max_requests,
                                                                   settings.max_requests * size, {}), row
         assert row["texts_per_s"] > 0 and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert 1 <= row["window_requests"] <= row["requests"]
         assert 1 <= row["texts_per_batch"] <= max(size, row["concurrency"] * size)  # from /metrics
     kalm = smoke_results["groups"]["kalm"]
     assert kalm["encode"]["ceiling"][0]["texts"] == settings.text_pool  # the whole pool, in batches of 4

@@ -9,7 +9,8 @@ import pytest
 
 from kalm_mlx.embedder import (CPU_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TOKENS, default_max_batch_tokens,
                                default_parallel_streams)
-from kalm_mlx.models.qwen2 import MASKED_SCORE, cpu_attention, exp2_nonpositive, rope_tables, swiglu
+from kalm_mlx.models.base import MASKED_SCORE, cpu_attention, exp2_nonpositive, swiglu
+from kalm_mlx.models.qwen2 import rope_tables
 
 
 def exact_swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

@@ -13,8 +13,16 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import additive_key_mask, check_weights, fast_cpu_paths, gelu, strip_prefix
-from .qwen2 import MASKED_SCORE, cpu_attention
+from .base import (
+    MASKED_SCORE,
+    additive_key_mask,
+    check_weights,
+    cpu_attention,
+    fast_cpu_paths,
+    gelu,
+    strip_prefix,
+)
+
 
 MODEL_TYPES = ("bert",)
 # Pooling normally comes from the checkpoint's 1_Pooling/config.json or the registry.

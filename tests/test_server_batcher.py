@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -207,6 +208,48 @@ def test_recall_job_overtakes_queued_bulk_work():
         assert order[:2] == ["RECALL0", "RECALL1"] and order[2:] == [f"bulk{i}" for i in range(6)]
     finally:
         batcher.stop()
+
+
+class SlowEmbedder(FakeEmbedder):
+    """Each batch takes ``seconds``, as a large model's does on a CPU."""
+
+    def __init__(self, name: str, seconds: float):
+        super().__init__(name, max_batch_tokens=1000)
+        self.seconds = seconds
+
+    def encode_tokens(self, token_ids, batch_size=32, normalize=True):
+        time.sleep(self.seconds)
+        return super().encode_tokens(token_ids, batch_size, normalize)
+
+
+def test_a_slow_model_waits_for_its_returning_clients_longer_than_batch_wait():
+    """Closed-loop clients that take 20 ms to come back: a 1 ms window alone would take them one
+    by one, a tenth of a 1 s batch (100 ms) gathers them all again."""
+    embedder = SlowEmbedder("a", seconds=1.0)
+    pool = FakePool(a=embedder)
+    batcher = Batcher(pool, max_batch_size=32, batch_wait=0.001)
+    pool.gate.clear()  # the first round is queued whole before the worker starts
+    batcher.start()
+    rounds = 3
+
+    def client(i):
+        for r in range(rounds):
+            ticket = batcher.submit(EmbedJob(model="a", texts=[f"c{i}r{r}"]))
+            assert ticket.done.wait(30)
+            time.sleep(0.02)
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        while batcher.queued_texts < 4:
+            time.sleep(0.01)
+        pool.gate.set()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        batcher.stop()
+    assert [len(batch) for batch in embedder.batches] == [4] * rounds
 
 
 def test_cancelled_job_is_not_encoded():

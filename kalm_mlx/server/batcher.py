@@ -35,6 +35,8 @@ from typing import Protocol
 import numpy as np
 
 KINDS = ("query", "document")
+WAIT_SHARE_OF_ENCODE = 0.1
+"""The gathering window grows to this share of the model's last batch encode time."""
 
 
 class QueueFullError(RuntimeError):
@@ -315,12 +317,16 @@ class Batcher:
     manager that holds a loaded :class:`~kalm_mlx.Embedder`). ``max_batch_size`` caps the
     texts per batch (the token budget is each embedder's ``max_batch_tokens``);
     ``max_queued_texts`` bounds the texts waiting (beyond it :meth:`submit` raises
-    :class:`QueueFullError`, except into an empty queue); ``batch_wait`` is the longest
-    (seconds, from when the worker became free) it waits for the next requests of the
-    clients its last batch answered, as long as the batch is not full: under steady
-    concurrent load they are on their way and a fuller batch costs little more than a
-    small one, while a lone client, or a bulk request spread over many batches, never
-    waits. ``batching=False`` encodes one job at a time, whole.
+    :class:`QueueFullError`, except into an empty queue). When the worker becomes free it
+    waits for the next requests of the clients its last batch answered, as long as the
+    batch is not full: under steady concurrent load they are on their way and a fuller
+    batch costs little more than a small one, while a lone client, or a bulk request
+    spread over many batches, never waits. It waits at most ``batch_wait`` seconds, or
+    :data:`WAIT_SHARE_OF_ENCODE` of that model's last batch encode time where that is
+    longer: a client's round trip through HTTP takes milliseconds, and a model whose
+    batch takes 400 ms (KaLM on a CPU) would otherwise settle into two half batches, each
+    taken while the other half's clients are still on their way back. ``batch_wait=0``
+    never waits. ``batching=False`` encodes one job at a time, whole.
     ``on_batch`` is called (on the worker thread) with each batch's :class:`BatchStats`.
     """
 
@@ -353,6 +359,7 @@ class Batcher:
         self._free_since = time.perf_counter()  # when the worker finished its last batch
         self._returning: dict[str, int] = {}  # texts of the jobs the last batch of a model finished
         self._queued_when_free: dict[str, int] = {}
+        self._encode_seconds: dict[str, float] = {}  # each model's last batch
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -475,7 +482,8 @@ class Batcher:
             expected = self._queued_when_free.get(model, 0) + self._returning.get(model, 0)
             expecting = self._entries.count(model) < expected
             if expecting and not (full or recall) and self.batch_wait > 0:
-                remaining = self._free_since + self.batch_wait - time.perf_counter()
+                window = max(self.batch_wait, WAIT_SHARE_OF_ENCODE * self._encode_seconds.get(model, 0.0))
+                remaining = self._free_since + window - time.perf_counter()
                 if remaining > 0:
                     self._cond.wait(remaining)  # new jobs wake the worker to tokenise them
                     return None
@@ -616,6 +624,7 @@ class Batcher:
                 ticket.settle(err)
             return 0
         seconds = time.perf_counter() - start
+        self._encode_seconds[model] = seconds
         self.last_batch_time = time.time()
         finished = 0
         for entry, vector in zip(batch, vectors):

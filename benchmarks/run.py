@@ -333,7 +333,7 @@ def _latency(specs, workers, ids, warmup, runs, progress) -> None:
     for spec in specs:
         for _ in range(warmup):
             workers[spec.name].embed(ids, 1)
-    times = _timed_runs(specs, lambda spec: workers[spec.name].embed(ids, 1), runs, pause=0.0)
+    times = _timed_runs(specs, lambda spec: workers[spec.name].embed(ids, 1), runs, pause=0.2)
     for spec in specs:
         ms = np.array(times[spec.name]) * 1000
         spec.results["short"] = {"tokens": len(ids[0]), "runs": len(ms),
@@ -355,7 +355,7 @@ def _measure_main(specs, workers, settings, shape, short_ids, short_batch_ids, f
     for spec in specs:
         workers[spec.name].embed(short_batch_ids, batch)
     times = _timed_runs(specs, lambda spec: workers[spec.name].embed(short_batch_ids, batch),
-                        settings.short_batch_runs, pause=0.0)
+                        settings.short_batch_runs, pause=0.2)
     for spec in specs:
         result = _throughput(times[spec.name], short_batch_ids, shape)
         result["p50_ms"] = round(float(np.percentile(times[spec.name], 50)) * 1000, 2)

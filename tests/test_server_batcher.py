@@ -252,6 +252,21 @@ def test_a_slow_model_waits_for_its_returning_clients_longer_than_batch_wait():
     assert [len(batch) for batch in embedder.batches] == [4] * rounds
 
 
+def test_bulk_batches_shrink_while_recalls_come_in():
+    pool = FakePool(a=FakeEmbedder("a", max_batch_tokens=1000))
+    batcher = Batcher(pool, max_batch_size=8, batch_wait=0)
+    batcher.start()
+    try:
+        assert batcher.submit(EmbedJob(model="a", texts=["bulk"] * 16)).done.wait(10)
+        assert [len(b) for b in pool.embedders["a"].batches] == [8, 8]
+        pool.embedders["a"].batches.clear()
+        assert batcher.submit(EmbedJob(model="a", texts=["r"] * 3, recall=True)).done.wait(10)
+        assert batcher.submit(EmbedJob(model="a", texts=["bulk"] * 16)).done.wait(10)
+        assert [len(b) for b in pool.embedders["a"].batches] == [3, 2, 2, 2, 2, 2, 2, 2, 2]
+    finally:
+        batcher.stop()
+
+
 def test_cancelled_job_is_not_encoded():
     pool = FakePool(a=FakeEmbedder("a"))
     batcher = Batcher(pool, batch_wait=0)

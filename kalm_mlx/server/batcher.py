@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -37,6 +38,9 @@ import numpy as np
 KINDS = ("query", "document")
 WAIT_SHARE_OF_ENCODE = 0.1
 """The gathering window grows to this share of the model's last batch encode time."""
+RECALL_WINDOW_SECONDS = 30.0
+"""For this long after a recall job, normal-lane batches hold at most a quarter of ``max_batch_size``."""
+BULK_DIVISOR_NEAR_RECALLS = 4
 
 
 class QueueFullError(RuntimeError):
@@ -360,6 +364,7 @@ class Batcher:
         self._returning: dict[str, int] = {}  # texts of the jobs the last batch of a model finished
         self._queued_when_free: dict[str, int] = {}
         self._encode_seconds: dict[str, float] = {}  # each model's last batch
+        self._last_recall = -math.inf  # perf_counter() of the last recall job
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -409,6 +414,7 @@ class Batcher:
             if queued and queued + job.size > self.max_queued_texts:
                 raise QueueFullError(queued, self.max_queued_texts)
             if job.recall:
+                self._last_recall = time.perf_counter()
                 self._recall_jobs.append(ticket)
             else:
                 self._jobs.append(ticket)
@@ -478,7 +484,8 @@ class Batcher:
             if not self.batching:
                 return model, self._entries.take_job(model)
             budget = self.info[model].max_batch_tokens
-            _, full = self._entries.plan(model, self.max_batch_size, budget)
+            count = self._batch_count(recall)
+            _, full = self._entries.plan(model, count, budget)
             expected = self._queued_when_free.get(model, 0) + self._returning.get(model, 0)
             expecting = self._entries.count(model) < expected
             if expecting and not (full or recall) and self.batch_wait > 0:
@@ -487,7 +494,15 @@ class Batcher:
                 if remaining > 0:
                     self._cond.wait(remaining)  # new jobs wake the worker to tokenise them
                     return None
-            return model, self._entries.take(model, self.max_batch_size, budget)
+            return model, self._entries.take(model, count, budget)
+
+    def _batch_count(self, recall: bool) -> int:
+        """Most texts in the next batch: smaller normal-lane batches while recalls come in, since
+        a recall that arrives mid-batch waits for the whole batch (a KaLM batch of 32 texts is
+        seconds on a CPU), and for short texts a quarter-size batch costs little throughput."""
+        if recall or time.perf_counter() - self._last_recall > RECALL_WINDOW_SECONDS:
+            return self.max_batch_size
+        return max(1, self.max_batch_size // BULK_DIVISOR_NEAR_RECALLS)
 
     def _prepare_all(self, tickets: list[Ticket]) -> None:
         """Tokenise the new jobs, a model at a time (recall jobs came first), and queue their texts."""

@@ -399,3 +399,20 @@ def test_cli_with_real_minilm_and_progress(tmp_path, capsys, monkeypatch):
     assert cli_main(["index", str(tmp_path / "docs.jsonl"), "-o", str(tmp_path / "out"), "-q",
                      "--shard-rows", "2"]) == 2
     assert "option shard_rows: 3 -> 2" in capsys.readouterr().err
+
+
+def test_replace_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
+    from kalm_mlx.corpus.manifest import replace_atomically
+
+    target = tmp_path / "part-00000.parquet"
+    target.write_text("old")
+
+    def half_written(temp):
+        Path(temp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_atomically(target, half_written)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    replace_atomically(target, lambda temp: Path(temp).write_text("new"))
+    assert target.read_text() == "new" and oct(target.stat().st_mode & 0o777) == "0o644"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,17 +136,25 @@ def job_difference(old: dict, new: dict) -> str | None:
     return None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+def replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Make ``path`` by ``write(temporary path)`` in the same folder, synced, then renamed over ``path``.
+
+    A crash at any point leaves ``path`` as it was (or absent) and at most a ``.NAME.*.tmp`` file.
+    """
     path = Path(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
+        write(temp)
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
         os.chmod(temp, 0o644)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`replace_atomically`)."""
+    replace_atomically(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))

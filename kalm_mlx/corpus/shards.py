@@ -8,9 +8,7 @@ inputs always give the same shards whichever run wrote them.
 
 from __future__ import annotations
 
-import os
 import queue
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .manifest import SHARD_PATTERN, Shard
+from .manifest import SHARD_PATTERN, Shard, replace_atomically
 
 
 @dataclass
@@ -82,19 +80,8 @@ def shard_table(parts: Sequence[Embedded], schema: pa.Schema) -> pa.Table:
 
 
 def write_shard(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        pq.write_table(table, temp)
-        with open(temp, "rb") as written:
-            os.fsync(written.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write ``table`` to ``path`` atomically (see :func:`~kalm_mlx.corpus.manifest.replace_atomically`)."""
+    replace_atomically(path, lambda temp: pq.write_table(table, temp))
 
 
 class ShardCutter:

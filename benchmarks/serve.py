@@ -205,6 +205,16 @@ def _start_worker(name: str, folder: Path, log_dir: Path, results: dict, stack: 
     return worker
 
 
+def _start_batched_and_unbatched(group: str, model, log_dir, results, stack, progress) -> dict:
+    """The kalm-mlx server for ``model`` with batching and the same with ``--no-batching``, both started."""
+    return {
+        BATCHED: _start_server(serve_servers.kalm_server(f"{group} {BATCHED}", model, log_dir),
+                               results, stack, progress),
+        UNBATCHED: _start_server(serve_servers.kalm_server(f"{group} {UNBATCHED}", model, log_dir,
+                                                           batching=False), results, stack, progress),
+    }
+
+
 def _start_server(server: serve_servers.ServerProcess, results: dict, stack: ExitStack, progress):
     stack.enter_context(server)
     model_id = server.model_id()
@@ -222,12 +232,7 @@ def _kalm_group(folder: Path, settings: Settings, texts: list[str], log_dir: Pat
     results["groups"][group] = {"model": str(folder), "texts_tokens_mean": round(
         sum(map(len, ids)) / len(ids), 1), "encode": {"ceiling": [], "direct": []}}
     with ExitStack() as stack:
-        servers = {
-            BATCHED: _start_server(serve_servers.kalm_server(f"{group} {BATCHED}", folder, log_dir),
-                                   results, stack, progress),
-            UNBATCHED: _start_server(serve_servers.kalm_server(f"{group} {UNBATCHED}", folder, log_dir,
-                                                               batching=False), results, stack, progress),
-        }
+        servers = _start_batched_and_unbatched(group, folder, log_dir, results, stack, progress)
         worker = _start_worker("encode() in a worker (KaLM shape)", folder, log_dir, results, stack)
         for round_index in range(settings.rounds):
             progress(f" round {round_index + 1} of {settings.rounds}")
@@ -267,12 +272,7 @@ def _minilm_group(model: str, folder: Path, settings: Settings, texts: list[str]
     results["groups"][group] = {"model": model, "folder": str(folder), "texts_tokens_mean": round(
         sum(map(len, ids)) / len(ids), 1), "encode": {"direct": []}}
     with ExitStack() as stack:
-        servers = {
-            BATCHED: _start_server(serve_servers.kalm_server(f"{group} {BATCHED}", model, log_dir),
-                                   results, stack, progress),
-            UNBATCHED: _start_server(serve_servers.kalm_server(f"{group} {UNBATCHED}", model, log_dir,
-                                                               batching=False), results, stack, progress),
-        }
+        servers = _start_batched_and_unbatched(group, model, log_dir, results, stack, progress)
         if infinity is not None:
             versions = serve_servers.infinity_versions(infinity)
             if "error" not in versions:

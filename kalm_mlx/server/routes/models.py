@@ -17,22 +17,20 @@ router = APIRouter(tags=["models"])
 @router.get("/v1/models", response_model=ModelList, summary="The enabled models")
 async def list_models(server: Annotated[ServerState, Depends(server_state)]) -> ModelList:
     loaded = server.ensemble.loaded
-    cards = []
-    for name in server.catalog.enabled:
-        facts = server.catalog.facts(name)
-        cards.append(ModelCard(id=name, dimensions=facts.dimensions, max_tokens=facts.max_tokens,
-                               loaded=name in loaded))
-    return ModelList(data=cards)
+    return ModelList(data=[ModelCard(**_model_fields(server, name, loaded)) for name in server.catalog.enabled])
+
+
+def _model_fields(server: ServerState, name: str, loaded: dict) -> dict:
+    """What ``/v1/models`` and ``/health`` both say of an enabled model."""
+    facts = server.catalog.facts(name)
+    return {"id": name, "dimensions": facts.dimensions, "max_tokens": facts.max_tokens, "loaded": name in loaded}
 
 
 @router.get("/health", response_model=Health, summary="Liveness and model status (no key needed)")
 async def health(server: Annotated[ServerState, Depends(server_state)]) -> Health:
     loaded = server.ensemble.loaded
-    models = []
-    for name in server.catalog.enabled:
-        facts = server.catalog.facts(name)
-        models.append(HealthModel(id=name, dimensions=facts.dimensions, max_tokens=facts.max_tokens,
-                                  loaded=name in loaded, default=name == server.catalog.default))
+    models = [HealthModel(**_model_fields(server, name, loaded), default=name == server.catalog.default)
+              for name in server.catalog.enabled]
     memory = sum(loaded.values())
     last = server.batcher.last_batch_time
     return Health(

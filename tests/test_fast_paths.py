@@ -9,7 +9,7 @@ import pytest
 
 from kalm_mlx.embedder import (CPU_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TOKENS, default_max_batch_tokens,
                                default_parallel_streams)
-from kalm_mlx.models.base import MASKED_SCORE, cpu_attention, exp2_nonpositive, swiglu
+from kalm_mlx.models.base import LONG_ATTENTION_LENGTH, MASKED_SCORE, cpu_attention, exp2_nonpositive, swiglu
 from kalm_mlx.models.qwen2 import rope_tables
 
 
@@ -78,7 +78,8 @@ def test_exp2_matches_numpy_and_flushes_tiny_values_to_zero():
     assert np.isnan(np.array(exp2_nonpositive(mx.array([np.nan, -1.0], dtype=mx.float32)))[0])
 
 
-@pytest.mark.parametrize("heads,kv_heads,length", [(14, 2, 37), (4, 4, 8), (2, 1, 1)])
+@pytest.mark.parametrize("heads,kv_heads,length", [(14, 2, 37), (4, 4, 8), (2, 1, 1), (4, 2, LONG_ATTENTION_LENGTH),
+                                                    (2, 2, LONG_ATTENTION_LENGTH + 3)])
 def test_cpu_attention_matches_sdpa(heads, kv_heads, length):
     rng = np.random.default_rng(heads + length)
     batch, dim = 3, 64

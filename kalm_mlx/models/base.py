@@ -218,25 +218,58 @@ def exp2_nonpositive(x: mx.array) -> mx.array:
     return _multiply(_exp2_fraction(x), _exp2_integer_bits(x).view(mx.float32))
 
 
+LONG_ATTENTION_LENGTH = 256
+"""From this many tokens on, :func:`cpu_attention` takes its long-text path."""
+
+
 def cpu_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
                   mask: mx.array | None) -> mx.array:
     """Softmax attention for float32 on the CPU, as ``mx.fast.scaled_dot_product_attention``.
 
     queries (B, H, L, D), keys and values (B, KV, L, D) with H a multiple of KV, ``mask``
     additive and finite ((B, 1, 1, L), :data:`MASKED_SCORE` on padding keys) or None.
-    The queries sharing a key/value head are stacked along the length, so each product
-    is one batched matmul (no repeated keys), and the softmax uses
-    :func:`exp2_nonpositive` on scores in base-2 units: 2x faster than MLX's CPU sdpa
-    at 128 tokens, whose softmax calls ``exp`` one element at a time.
+    MLX's CPU sdpa calls ``exp`` one element at a time; here the softmax uses
+    :func:`exp2_nonpositive` on scores in base-2 units (2x faster than sdpa at 128
+    tokens), and the queries sharing a key/value head are stacked along the length, so
+    each product is one batched matmul (no repeated keys). Texts of
+    :data:`LONG_ATTENTION_LENGTH` tokens or more take a path with fewer passes over the
+    (L x L) scores (see :func:`_long_attention`); below that its extra ops cost more
+    than they save.
     """
     batch, n_heads, length, head_dim = queries.shape
     n_kv_heads = keys.shape[1]
     grouped = (queries * (scale * _LOG2E)).reshape(
         batch, n_kv_heads, (n_heads // n_kv_heads) * length, head_dim
     )
-    scores = grouped @ keys.swapaxes(-1, -2)
-    if mask is not None:
-        scores = scores + mask
-    weights = exp2_nonpositive(scores - scores.max(axis=-1, keepdims=True))
-    out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
+    if length >= LONG_ATTENTION_LENGTH:
+        out = _long_attention(grouped, keys, values, mask)
+    else:
+        scores = grouped @ keys.swapaxes(-1, -2)
+        if mask is not None:
+            scores = scores + mask
+        weights = exp2_nonpositive(scores - scores.max(axis=-1, keepdims=True))
+        out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
     return out.reshape(batch, n_heads, length, head_dim)
+
+
+def _long_attention(grouped: mx.array, keys: mx.array, values: mx.array,
+                    mask: mx.array | None) -> mx.array:
+    # At hundreds of tokens the scores no longer fit in cache and every elementwise pass
+    # over them costs memory bandwidth, so fewer passes:
+    # - scores transposed (keys by queries): the max reduces over rows, which MLX's
+    #   CPU reductions do about 2x faster than over the contiguous axis;
+    # - the mask rides in the matmul: keys get a column holding it, queries a column of
+    #   ones, so q . k + mask comes out of BLAS;
+    # - values get a column of ones, so weights @ values also yields the row sums.
+    # About 10-20 % less attention time at 256-512 tokens.
+    batch, n_kv_heads, length, head_dim = keys.shape
+    if mask is not None:
+        mask_column = mx.broadcast_to(mask.reshape(batch, 1, length, 1).astype(keys.dtype),
+                                      (batch, n_kv_heads, length, 1))
+        keys = mx.concatenate([keys, mask_column], axis=-1)
+        grouped = mx.concatenate([grouped, mx.ones(grouped.shape[:-1] + (1,), grouped.dtype)], axis=-1)
+    scores_t = keys @ grouped.swapaxes(-1, -2)
+    weights_t = exp2_nonpositive(scores_t - scores_t.max(axis=-2, keepdims=True))
+    values = mx.concatenate([values, mx.ones(values.shape[:-1] + (1,), values.dtype)], axis=-1)
+    weighted = weights_t.swapaxes(-1, -2) @ values
+    return weighted[..., :head_dim] / weighted[..., head_dim:]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from benchmarks import checkpoint, report, runtimes, workloads
 from benchmarks.cli import main as bench_main
 from benchmarks.cli import results_folder
-from benchmarks.run import Settings, run_benchmarks
+from benchmarks.run import RuntimeSpec, Settings, _timed_runs, run_benchmarks
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "intermediate_size": 128}
@@ -115,6 +117,7 @@ def test_smoke_run_measures_every_workload(smoke_results):
         assert set(runtime["batch_scaling"]) == {"1", "4"}
         assert set(runtime["length_scaling"]) == {"8", "32"}
         assert runtime["mixed"]["texts"] == 12
+        assert len(runtime["mixed"]["seconds"]) == Settings.smoke().mixed_repeats
         assert runtime["memory"]["peak_rss_bytes"] > runtime["memory"]["weights_bytes"] > 0
         assert runtime["gemm_gflops"] > 0 and 0 < runtime["fixed"]["mfu"]
     ratio_keys = {"mixed_throughput", "fixed_throughput", "short_batch_throughput",
@@ -132,6 +135,23 @@ def test_smoke_run_measures_every_workload(smoke_results):
         assert runtimes[name]["short"]["p50_ms"] > 0
 
 
+def test_timed_runs_alternate_and_stop_at_the_budget():
+    specs = [RuntimeSpec("a", "mlx-float32", Path(".")), RuntimeSpec("b", "torch", Path("."))]
+    order = []
+
+    def run(spec):
+        order.append(spec.name)
+        time.sleep(0.02)
+        return 0.02
+
+    assert _timed_runs(specs, run, 3, pause=0.0) == {"a": [0.02] * 3, "b": [0.02] * 3}
+    assert order == ["a", "b"] * 3
+    order.clear()
+    # One round takes at least 0.04 s: a budget of 0.05 s leaves no room for a second.
+    assert _timed_runs(specs, run, 3, pause=0.0, budget_s=0.05) == {"a": [0.02], "b": [0.02]}
+    assert order == ["a", "b"]
+
+
 def test_report_writes_json_markdown_and_plots(smoke_results, tmp_path):
     paths = report.write(smoke_results, tmp_path)
     assert sorted(p.name for p in paths) == ["latency.png", "results.json", "results.md",
@@ -139,6 +159,7 @@ def test_report_writes_json_markdown_and_plots(smoke_results, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["ratios"] == smoke_results["ratios"]
     text = (tmp_path / "results.md").read_text()
     assert report.SPEED_NOTE in text and "| mixed corpus throughput, kalm-mlx / torch |" in text
+    assert f"best of {Settings.smoke().mixed_repeats} passes" in text
     assert smoke_results["machine"]["cpu"] in text
     for name in ("latency.png", "throughput_vs_length.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ import pytest
 
 import kalm_mlx
 from kalm_mlx import _backend, embedder
-from kalm_mlx.embedder import plan_batches, split_evenly
+from kalm_mlx.embedder import plan_batches, split_by_padded_tokens
 from kalm_mlx.registry import KALM_DEFAULT_INSTRUCTION, KALM_QUERY_TEMPLATE
 from tests.helpers import TEXTS, torch_qwen2_embed
 
@@ -137,13 +137,38 @@ def test_default_parallel_streams(monkeypatch):
         assert embedder.default_parallel_streams() == expected
 
 
-def test_split_evenly():
-    assert split_evenly(5, 2) == [range(0, 3), range(3, 5)]
-    assert split_evenly(6, 3) == [range(0, 2), range(2, 4), range(4, 6)]
-    assert split_evenly(1, 1) == [range(0, 1)]
-    for bad in ((3, 0), (2, 3)):
+def test_split_by_padded_tokens_balances_the_padded_work():
+    assert split_by_padded_tokens([4, 4, 4, 4, 4], 2) == [range(0, 3), range(3, 5)]
+    assert split_by_padded_tokens([5] * 6, 3) == [range(0, 2), range(2, 4), range(4, 6)]
+    assert split_by_padded_tokens([7], 1) == [range(0, 1)]
+    # Longest first: the part with the long texts gets fewer of them.
+    assert split_by_padded_tokens([24, 22, 20, 18, 10, 9, 8, 8], 2) == [range(0, 3), range(3, 8)]
+    assert split_by_padded_tokens([100, 1, 1], 2) == [range(0, 1), range(1, 3)]
+    # Never more parts than asked, each non-empty, together every text once and in order.
+    for lengths in ([9, 8, 8, 3, 3, 3, 3, 1], [50, 49, 2, 2, 2, 2, 2, 2, 2, 2], [3, 3]):
+        for parts in range(1, len(lengths) + 1):
+            ranges = split_by_padded_tokens(lengths, parts)
+            assert 1 <= len(ranges) <= parts and all(len(r) for r in ranges)
+            assert [i for r in ranges for i in r] == list(range(len(lengths)))
+            worst = max(len(r) * lengths[r.start] for r in ranges)
+            assert worst <= max(len(r) * lengths[r.start]
+                                for r in _equal_count_split(len(lengths), len(ranges)))
+
+
+def _equal_count_split(count, parts):
+    size, extra = divmod(count, parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + size + (part < extra))
+    return [range(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+
+def test_split_by_padded_tokens_refuses_bad_input():
+    for lengths, parts in (([3, 2], 0), ([3, 2], 3)):
         with pytest.raises(ValueError, match="cannot split"):
-            split_evenly(*bad)
+            split_by_padded_tokens(lengths, parts)
+    with pytest.raises(ValueError, match="longest first"):
+        split_by_padded_tokens([2, 3], 2)
 
 
 def test_shared_cpu_streams_are_reused():

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_MODELS",
     "Ensemble",
     "KINDS",
+    "check_kind",
     "MemoryBudgetWarning",
     "RRF_K",
     # Re-exported from settings and fusion, where they live now.
@@ -54,6 +55,14 @@ __all__ = [
 ]
 
 KINDS = ("query", "document")
+"""What a text is to the models: a query (each model's query prompt) or a document."""
+
+
+def check_kind(kind: str) -> str:
+    """Return ``kind`` if it is one of :data:`KINDS`; ValueError naming the choices otherwise."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    return kind
 
 
 class MemoryBudgetWarning(UserWarning):
@@ -467,8 +476,7 @@ class Ensemble:
         (``Embedder.encode_queries`` / ``encode_documents``). Models already loaded run
         first; the result keeps the ensemble's order. Per-model seconds: :attr:`timings`.
         """
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        check_kind(kind)
         as_text_list(texts)  # a TypeError now, before any model loads
         names = self._select(models)
         vectors, timings = {}, {}

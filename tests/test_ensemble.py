@@ -16,8 +16,10 @@ import kalm_mlx
 from convert import convert
 from kalm_mlx import Ensemble
 from kalm_mlx.ensemble import (
+    KINDS,
     MemoryBudgetWarning,
     canonical_model_name,
+    check_kind,
     competition_ranks,
     fuse_rrf,
     fuse_scores,
@@ -607,3 +609,9 @@ def test_a_model_in_use_is_not_evicted_by_another_thread(home):
     thread.join(60)
     assert order == ["small released", "large"]
     assert list(ens.loaded) == [LARGE]
+
+
+def test_check_kind_names_the_choices():
+    assert [check_kind(kind) for kind in KINDS] == ["query", "document"]
+    with pytest.raises(ValueError, match="kind must be one of query, document, not 'passage'"):
+        check_kind("passage")

@@ -13,15 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..embedder import EmptyTextWarning, TruncationWarning
-
-KINDS = ("document", "query")
+from ..ensemble import check_kind
 
 
 def job_prompt(embedder, kind: str, instruction: str | None = None) -> str:
     """The prompt ``encode_documents`` (``kind="document"``) or ``encode_queries`` prepends."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if kind == "query":
+    if check_kind(kind) == "query":
         return embedder.query_prompt(instruction)
     if instruction is not None:
         raise ValueError("an instruction applies to queries only (kind='query')")

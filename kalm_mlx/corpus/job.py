@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__, load
-from ..ensemble import Ensemble
-from .encoding import KINDS, Tokenized, counted_warnings_off, encode_tokenized, job_prompt, tokenize_texts
+from ..ensemble import Ensemble, check_kind
+from .encoding import Tokenized, counted_warnings_off, encode_tokenized, job_prompt, tokenize_texts
 from .manifest import MANIFEST, Manifest, job_difference, read_manifest
 from .readers import (
     Bad,
@@ -181,8 +181,7 @@ class JobPlan:
                 dtype=None, keep_text=False, shard_rows=DEFAULT_SHARD_ROWS, text_column="text",
                 id_column=None, skip_bad_rows=False, force=False, batch_size=32) -> JobPlan:
         """Check :func:`embed_corpus`'s arguments and the output folder; find the inputs. Writes nothing."""
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        check_kind(kind)
         if instruction is not None and kind != "query":
             raise ValueError("an instruction applies to queries only (kind='query')")
         if dtype is not None and dtype not in DTYPES:

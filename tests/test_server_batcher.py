@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kalm_mlx.server.batcher import (
+    MAX_RETRY_AFTER_SECONDS,
     Batcher,
     EmbedJob,
     Entry,
@@ -20,6 +21,7 @@ from kalm_mlx.server.batcher import (
     ModelUnavailableError,
     QueueFullError,
     Ticket,
+    retry_after_seconds,
 )
 from tests.helpers import TEXTS
 
@@ -289,9 +291,32 @@ def test_cancelled_job_is_not_encoded():
 def test_queue_bound_refuses_beyond_limit_but_admits_into_an_empty_queue():
     batcher = Batcher(FakePool(a=FakeEmbedder("a")), max_queued_texts=3)  # not started
     batcher.submit(EmbedJob(model="a", texts=["x"] * 5))  # an empty queue takes any job
-    with pytest.raises(QueueFullError, match="5 texts are queued"):
+    with pytest.raises(QueueFullError, match="5 texts are queued") as refused:
         batcher.submit(EmbedJob(model="a", texts=["y"]))
+    assert refused.value.retry_after == 1  # no batch has run: no speed known yet
+    batcher._texts_per_second = 2.0  # as if recent batches ran at 2 texts/s
+    with pytest.raises(QueueFullError, match="retry in 3 s") as refused:
+        batcher.submit(EmbedJob(model="a", texts=["y"]))
+    assert refused.value.retry_after == 3
     batcher.stop()
+
+
+def test_retry_after_is_the_time_to_embed_the_queue_within_bounds():
+    assert retry_after_seconds(100, None) == 1
+    assert retry_after_seconds(100, 0.0) == 1
+    assert retry_after_seconds(100, 1000.0) == 1
+    assert retry_after_seconds(100, 40.0) == 3
+    assert retry_after_seconds(10**6, 1.0) == MAX_RETRY_AFTER_SECONDS
+
+
+def test_batches_teach_the_batcher_its_speed():
+    batcher = Batcher(FakePool(a=FakeEmbedder("a")), batch_wait=0)
+    batcher.start()
+    try:
+        assert batcher.submit(EmbedJob(model="a", texts=["x", "y"])).done.wait(10)
+    finally:
+        batcher.stop()
+    assert batcher._texts_per_second > 0
 
 
 def test_job_errors_reach_the_waiter():

@@ -35,7 +35,8 @@ from typing import Protocol
 
 import numpy as np
 
-KINDS = ("query", "document")
+from ..ensemble import check_kind
+
 WAIT_SHARE_OF_ENCODE = 0.1
 """The gathering window grows to this share of the model's last batch encode time."""
 RECALL_WINDOW_SECONDS = 30.0
@@ -43,13 +44,26 @@ RECALL_WINDOW_SECONDS = 30.0
 BULK_DIVISOR_NEAR_RECALLS = 4
 
 
-class QueueFullError(RuntimeError):
-    """The queue holds as many texts as it may; try again later."""
+MAX_RETRY_AFTER_SECONDS = 60
 
-    def __init__(self, queued: int, limit: int):
-        super().__init__(f"the server is busy: {queued} texts are queued (the limit is {limit}); retry later")
+
+def retry_after_seconds(queued: int, texts_per_second: float | None) -> int:
+    """Whole seconds a refused client should wait: the time the recent speed takes to embed
+    ``queued`` texts, 1 to :data:`MAX_RETRY_AFTER_SECONDS`; 1 while no speed is known."""
+    if not texts_per_second or texts_per_second <= 0:
+        return 1
+    return int(min(MAX_RETRY_AFTER_SECONDS, max(1, math.ceil(queued / texts_per_second))))
+
+
+class QueueFullError(RuntimeError):
+    """The queue holds as many texts as it may; try again in ``retry_after`` seconds."""
+
+    def __init__(self, queued: int, limit: int, retry_after: int = 1):
+        super().__init__(f"the server is busy: {queued} texts are queued (the limit is {limit}); "
+                         f"retry in {retry_after} s")
         self.queued = queued
         self.limit = limit
+        self.retry_after = retry_after
 
 
 class InputError(ValueError):
@@ -97,8 +111,7 @@ class EmbedJob:
     def __post_init__(self):
         if (self.texts is None) == (self.token_ids is None):
             raise ValueError("give texts or token_ids, not both or neither")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        check_kind(self.kind)
 
     @property
     def size(self) -> int:
@@ -364,6 +377,7 @@ class Batcher:
         self._returning: dict[str, int] = {}  # texts of the jobs the last batch of a model finished
         self._queued_when_free: dict[str, int] = {}
         self._encode_seconds: dict[str, float] = {}  # each model's last batch
+        self._texts_per_second: float | None = None  # moving average over recent batches
         self._last_recall = -math.inf  # perf_counter() of the last recall job
 
     # --- life cycle ------------------------------------------------------------------------
@@ -412,7 +426,8 @@ class Batcher:
                 raise BatcherStoppedError("the server is shutting down")
             queued = self._pending_texts + len(self._entries)
             if queued and queued + job.size > self.max_queued_texts:
-                raise QueueFullError(queued, self.max_queued_texts)
+                raise QueueFullError(queued, self.max_queued_texts,
+                                     retry_after_seconds(queued, self._texts_per_second))
             if job.recall:
                 self._last_recall = time.perf_counter()
                 self._recall_jobs.append(ticket)
@@ -640,6 +655,10 @@ class Batcher:
             return 0
         seconds = time.perf_counter() - start
         self._encode_seconds[model] = seconds
+        speed = len(batch) / max(seconds, 1e-6)
+        with self._cond:
+            previous = self._texts_per_second
+            self._texts_per_second = speed if previous is None else 0.7 * previous + 0.3 * speed
         self.last_batch_time = time.time()
         finished = 0
         for entry, vector in zip(batch, vectors):

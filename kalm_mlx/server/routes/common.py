@@ -21,7 +21,7 @@ from ..catalog import UnknownModelError
 from ..errors import APIError, ClientDisconnected
 from ..state import ServerState
 
-RETRY_AFTER_BUSY = "1"
+RETRY_AFTER_SHUTTING_DOWN = "1"
 RETRY_AFTER_UNAVAILABLE = "30"
 def is_recall(priority: str | None) -> bool:
     """Whether an ``X-Priority`` header value asks for the recall lane (any other value: normal)."""
@@ -73,14 +73,14 @@ async def run_jobs(request: Request, server: ServerState, jobs: Sequence[EmbedJo
             raise ClientDisconnected()
         return together.result()
     except QueueFullError as err:
-        raise APIError(503, str(err), code="queue_full", headers={"Retry-After": RETRY_AFTER_BUSY}) from None
+        raise APIError(503, str(err), code="queue_full", headers={"Retry-After": str(err.retry_after)}) from None
     except InputError as err:
         raise APIError(400, str(err), param=err.param, code="invalid_input") from None
     except ModelUnavailableError as err:
         raise APIError(503, str(err), param="model", code="model_unavailable",
                        headers={"Retry-After": RETRY_AFTER_UNAVAILABLE}) from None
     except BatcherStoppedError as err:
-        raise APIError(503, str(err), code="shutting_down", headers={"Retry-After": RETRY_AFTER_BUSY}) from None
+        raise APIError(503, str(err), code="shutting_down", headers={"Retry-After": RETRY_AFTER_SHUTTING_DOWN}) from None
     finally:
         watcher.cancel()
         for task in tasks:

@@ -265,13 +265,12 @@ def test_bad_config_is_refused(bert_checkpoint, change, message):
 
 def test_plain_and_cpu_fast_paths_agree(bert_checkpoint, monkeypatch):
     """The compiled CPU GELU and exp2 attention against nn.gelu and sdpa on the same model."""
-    from kalm_mlx.models import base, bert
+    from kalm_mlx.models import base
 
     folder, reference = bert_checkpoint
     model = kalm_mlx.load(folder, dtype="float32")
     fast = model.encode(BERT_TEXTS, batch_size=3)
     monkeypatch.setattr(base, "fast_cpu_paths", lambda: False)
-    monkeypatch.setattr(bert, "fast_cpu_paths", lambda: False)
     plain = model.encode(BERT_TEXTS, batch_size=3)
     assert np.abs(fast - plain).max() <= 1e-5
     expected = torch_bert_embed(reference, model.tokenize(BERT_TEXTS), model.pooling)

@@ -195,3 +195,24 @@ def test_additive_key_mask_fill():
     assert finite.shape == (1, 1, 1, 3) and finite[0, 0, 0].tolist() == [0.0, 0.0, MASKED_SCORE]
     assert np.isneginf(np.array(additive_key_mask(mask, mx.float32))[0, 0, 0, 2])
     assert additive_key_mask(None, mx.float32) is None
+
+
+def test_padding_key_mask_and_attention_pick_the_path(monkeypatch):
+    from kalm_mlx.models import base
+
+    if not base.fast_cpu_paths():
+        pytest.skip("no C++ compiler for MLX's CPU kernels: only the plain path exists")
+    keep = mx.array([[1, 1, 0]])
+    rng = np.random.default_rng(3)
+    queries, keys, values = (mx.array(rng.normal(size=(1, 2, 3, 8)).astype(np.float32)) for _ in range(3))
+    finite = base.padding_key_mask(keep, mx.float32)
+    assert np.array(finite)[0, 0, 0].tolist() == [0.0, 0.0, MASKED_SCORE]
+    assert base.padding_key_mask(None, mx.float32) is None
+    fast = np.array(base.attention(queries, keys, values, 0.3, finite))
+    monkeypatch.setattr(base, "fast_cpu_paths", lambda: False)
+    plain_mask = base.padding_key_mask(keep, mx.float32)
+    assert np.isneginf(np.array(plain_mask)[0, 0, 0, 2])
+    plain = np.array(base.attention(queries, keys, values, 0.3, plain_mask))
+    expected = np.array(mx.fast.scaled_dot_product_attention(queries, keys, values, scale=0.3, mask=plain_mask))
+    assert np.array_equal(plain, expected)
+    assert np.abs(fast - expected).max() <= 2e-6

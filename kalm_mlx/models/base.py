@@ -264,7 +264,7 @@ def _long_attention(grouped: mx.array, keys: mx.array, values: mx.array,
     # About 10-20 % less attention time at 256-512 tokens.
     batch, n_kv_heads, length, head_dim = keys.shape
     if mask is not None:
-        mask_column = mx.broadcast_to(mask.reshape(batch, 1, length, 1).astype(keys.dtype),
+        mask_column = mx.broadcast_to(mask.reshape(batch, 1, length, 1),
                                       (batch, n_kv_heads, length, 1))
         keys = mx.concatenate([keys, mask_column], axis=-1)
         grouped = mx.concatenate([grouped, mx.ones(grouped.shape[:-1] + (1,), grouped.dtype)], axis=-1)
@@ -273,3 +273,20 @@ def _long_attention(grouped: mx.array, keys: mx.array, values: mx.array,
     values = mx.concatenate([values, mx.ones(values.shape[:-1] + (1,), values.dtype)], axis=-1)
     weighted = weights_t.swapaxes(-1, -2) @ values
     return weighted[..., :head_dim] / weighted[..., head_dim:]
+
+
+def padding_key_mask(attention_mask: mx.array | None, dtype: mx.Dtype) -> mx.array | None:
+    """:func:`additive_key_mask` as :func:`attention` takes it: padding keys get
+    :data:`MASKED_SCORE` (finite) where :func:`cpu_attention` will run, ``-inf`` for sdpa."""
+    fill = MASKED_SCORE if dtype == mx.float32 and fast_cpu_paths() else float("-inf")
+    return additive_key_mask(attention_mask, dtype, fill)
+
+
+def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+              mask: mx.array | None) -> mx.array:
+    """Scaled dot-product attention over (B, H, L, D) queries and (B, KV, L, D) keys and values:
+    :func:`cpu_attention` for float32 where the fast paths run, ``mx.fast`` sdpa elsewhere.
+    ``mask`` is additive (B, 1, 1, L), as :func:`padding_key_mask` builds it, or None."""
+    if queries.dtype == mx.float32 and fast_cpu_paths():
+        return cpu_attention(queries, keys, values, scale, mask)
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)

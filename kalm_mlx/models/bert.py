@@ -14,12 +14,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (
-    MASKED_SCORE,
     additive_key_mask,
+    attention,
     check_weights,
-    cpu_attention,
-    fast_cpu_paths,
     gelu,
+    padding_key_mask,
     strip_prefix,
 )
 
@@ -144,10 +143,7 @@ class SelfAttention(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
         batch, length, _ = x.shape
         queries, keys, values = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        if queries.dtype == mx.float32 and fast_cpu_paths():
-            out = cpu_attention(queries, keys, values, self.scale, mask)
-        else:
-            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        out = attention(queries, keys, values, self.scale, mask)
         return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
 
 
@@ -224,9 +220,7 @@ class Model(nn.Module):
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         h = self.embeddings(input_ids)
-        # cpu_attention's softmax needs a finite mask; sdpa takes -inf.
-        fill = MASKED_SCORE if h.dtype == mx.float32 and fast_cpu_paths() else float("-inf")
-        return self.encoder(h, additive_key_mask(attention_mask, h.dtype, fill))
+        return self.encoder(h, padding_key_mask(attention_mask, h.dtype))
 
     def sanitize(self, weights: dict[str, mx.array], source: str = "checkpoint") -> dict[str, mx.array]:
         """Check a Hugging Face BERT checkpoint's tensors and return them under this module's names.

@@ -21,12 +21,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (
-    MASKED_SCORE,
-    additive_key_mask,
+    attention,
     check_weights,
-    cpu_attention,
-    fast_cpu_paths,
     gelu,
+    padding_key_mask,
     strip_prefix,
     swiglu,
 )
@@ -241,10 +239,7 @@ class Attention(nn.Module):
         qkv = qkv.transpose(2, 0, 3, 1, 4)
         queries, keys, values = qkv[0], qkv[1], qkv[2]
         queries, keys = self._rope(queries), self._rope(keys)
-        if queries.dtype == mx.float32 and fast_cpu_paths():
-            out = cpu_attention(queries, keys, values, self.scale, mask)
-        else:
-            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        out = attention(queries, keys, values, self.scale, mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -309,9 +304,7 @@ class Model(nn.Module):
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         h = self.emb_ln(self.embeddings(input_ids))
-        # cpu_attention's softmax needs a finite mask; sdpa takes -inf.
-        fill = MASKED_SCORE if h.dtype == mx.float32 and fast_cpu_paths() else float("-inf")
-        return self.encoder(h, additive_key_mask(attention_mask, h.dtype, fill))
+        return self.encoder(h, padding_key_mask(attention_mask, h.dtype))
 
     def sanitize(self, weights: dict[str, mx.array], source: str = "checkpoint") -> dict[str, mx.array]:
         """Check a nomic checkpoint's tensors and return the ones the encoder uses.

@@ -15,7 +15,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import MASKED_SCORE, check_weights, cpu_attention, fast_cpu_paths, strip_prefix, swiglu
+from .base import attention, check_weights, fast_cpu_paths, padding_key_mask, strip_prefix, swiglu
 
 MODEL_TYPES = ("qwen2",)
 DEFAULT_POOLING = "mean"
@@ -160,12 +160,7 @@ class Attention(nn.Module):
         queries = self._rope(self.q_proj(x), self.n_heads, rope)
         keys = self._rope(self.k_proj(x), self.n_kv_heads, rope)
         values = self._heads(self.v_proj(x), self.n_kv_heads)
-        if queries.dtype == mx.float32 and fast_cpu_paths():
-            out = cpu_attention(queries, keys, values, self.scale, mask)
-        else:
-            out = mx.fast.scaled_dot_product_attention(
-                queries, keys, values, scale=self.scale, mask=mask
-            )
+        out = attention(queries, keys, values, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -206,13 +201,7 @@ class Model(nn.Module):
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         h = self.embed_tokens(input_ids)
-        mask = None
-        if attention_mask is not None:
-            # Additive key mask (B, 1, 1, L) in the activation dtype: it broadcasts over
-            # heads and queries, and sdpa refuses a float32 mask with float16 queries.
-            # Finite for cpu_attention; in float16 it becomes -inf, which sdpa takes.
-            keep = attention_mask.astype(mx.bool_)[:, None, None, :]
-            mask = mx.where(keep, 0.0, MASKED_SCORE).astype(h.dtype)
+        mask = padding_key_mask(attention_mask, h.dtype)
         rope = None
         if fast_cpu_paths():
             # Tables once per batch: faster than mx.fast.rope on the CPU, and closer to

@@ -81,6 +81,8 @@ def split_by_padded_tokens(lengths: Sequence[int], parts: int) -> list[range]:
         raise ValueError(f"cannot split {count} texts into {parts} parts")
     if any(later > earlier for earlier, later in zip(lengths, lengths[1:])):
         raise ValueError("lengths must be sorted longest first")
+    if parts == 1:
+        return [range(count)]
 
     def greedy_bounds(limit: int) -> list[int]:
         bounds = [0]

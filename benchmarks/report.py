@@ -42,11 +42,17 @@ def stamp(results: dict) -> str:
     runtimes = results["runtimes"]
     mlx = next((r["info"] for r in runtimes.values() if r["kind"].startswith("mlx") and "info" in r), {})
     torch = next((r["info"] for r in runtimes.values() if r["kind"] == "torch" and "info" in r), {})
-    parts = [f"{machine['cpu']}, {machine['cores']} cores"]
+    family = f" (family {machine['cpu_family']}, model {machine['cpu_model']})" if machine.get("cpu_family") else ""
+    avx512 = {True: ", AVX-512", False: ", no AVX-512"}.get(machine.get("avx512"), "")
+    parts = [f"{machine['cpu']}{family}{avx512}, {machine['cores']} cores"]
     if mlx:
         blas = Path(mlx["blas"]).name if mlx["blas"].startswith("/") else mlx["blas"]
+        kernels = f" ({mlx['blas_kernels']} kernels)" if mlx.get("blas_kernels") else ""
         threads = f", {mlx['blas_threads']} threads" if "blas_threads" in mlx else ""
-        parts.append(f"MLX {mlx['mlx']} on {mlx['device']} with {blas}{threads}")
+        parts.append(f"MLX {mlx['mlx']} on {mlx['device']} with {blas}{kernels}{threads}")
+    forced = machine.get("openblas_environment") or {}
+    if forced:
+        parts.append(", ".join(f"{key}={value}" for key, value in forced.items()))
     if torch:
         parts.append(f"torch {torch['torch']} ({torch['torch_threads']} threads), "
                      f"transformers {torch['transformers']}")

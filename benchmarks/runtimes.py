@@ -117,7 +117,7 @@ class MLXRuntime:
 
 
 def openblas_details(path: str | None) -> dict:
-    """OpenBLAS's build string and thread count, when ``path`` is an OpenBLAS already loaded.
+    """OpenBLAS's build string, kernel set and thread count, when ``path`` is an OpenBLAS already loaded.
 
     The count is kalm-mlx's budget (:func:`kalm_mlx._backend.blas_thread_budget`): the
     current setting changes per batch while two streams share the threads out.
@@ -126,12 +126,13 @@ def openblas_details(path: str | None) -> dict:
         return {}
     import ctypes
 
-    from kalm_mlx._backend import blas_thread_budget
+    from kalm_mlx._backend import blas_thread_budget, openblas_kernels
 
     try:
         lib = ctypes.CDLL(path)
         lib.openblas_get_config.restype = ctypes.c_char_p
         return {"blas_config": lib.openblas_get_config().decode(),
+                "blas_kernels": openblas_kernels(),
                 "blas_threads": blas_thread_budget()}
     except (OSError, AttributeError):
         return {}
@@ -402,27 +403,51 @@ def make_runtime(kind: str, folder: str):
     raise ValueError(f"unknown runtime {kind!r}: expected torch, onnx, mlx-<dtype> or mlx-<dtype>-<quantized>")
 
 
-def machine_info() -> dict:
-    """What the numbers were measured on: CPU model, cores, memory, OS, Python, load."""
-    cpu = platform.processor() or platform.machine()
+def _cpuinfo_fields(names: tuple[str, ...]) -> dict[str, str]:
+    """The first value of each of ``names`` in /proc/cpuinfo (absent ones left out)."""
+    fields: dict[str, str] = {}
     try:
-        if sys.platform == "darwin":
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in names and key not in fields:
+                    fields[key] = value.strip()
+                if len(fields) == len(names):
+                    break
+    except OSError:
+        pass
+    return fields
+
+
+AVX512_FLAGS = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
+"""The AVX-512 features OpenBLAS's SkylakeX kernels and ONNX Runtime's AVX-512 GEMM use."""
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on: CPU model (family, model number, AVX-512), cores,
+    memory, OS, Python, load, and the ``OPENBLAS_*`` variables that choose OpenBLAS's kernels."""
+    cpu = platform.processor() or platform.machine()
+    fields = _cpuinfo_fields(("model name", "cpu family", "model", "flags"))
+    cpu = fields.get("model name", cpu)
+    if sys.platform == "darwin":
+        try:
             cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
                                  text=True, check=True).stdout.strip()
-        else:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        cpu = line.split(":", 1)[1].strip()
-                        break
-    except (OSError, subprocess.SubprocessError):
-        pass
+        except (OSError, subprocess.SubprocessError):
+            pass
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = None
+    flags = set(fields.get("flags", "").split())
     return {
         "cpu": cpu,
+        "cpu_family": fields.get("cpu family"),
+        "cpu_model": fields.get("model"),
+        "avx512": all(flag in flags for flag in AVX512_FLAGS) if flags else None,
+        "openblas_environment": {key: value for key, value in sorted(os.environ.items())
+                                 if key.startswith("OPENBLAS_")},
         "cores": os.cpu_count(),
         "memory_bytes": memory,
         "os": platform.platform(),

@@ -25,6 +25,7 @@ def environment_report() -> dict:
     Keys: ``kalm_mlx``, ``mlx``, ``python`` (versions), ``python_executable``, ``os``,
     ``machine``, ``device`` (``"cpu"`` or ``"gpu"``, MLX's default), ``device_name``,
     ``blas_library`` (the path kalm-mlx loaded, or None), ``blas`` (one line on MLX's BLAS),
+    ``blas_kernels`` (the kernel set OpenBLAS runs, such as ``Haswell``, or None),
     ``blas_threads`` (OpenBLAS's threads at start, None without it), ``cpu_streams`` (streams a CPU batch is split
     over), ``compiled_cpu_paths`` (a C++ compiler for MLX's CPU kernels is on PATH),
     ``compiler``, ``kalm_mlx_home``, ``hf_hub_cache`` and ``converted_models``: one
@@ -42,6 +43,7 @@ def environment_report() -> dict:
         "device_name": _device_name(),
         "blas_library": _backend.blas_library,
         "blas": _backend.blas_status,
+        "blas_kernels": _backend.openblas_kernels(),
         "blas_threads": _backend.blas_thread_budget(),
         "cpu_streams": default_parallel_streams(),
         "compiled_cpu_paths": _backend.cpu_compiler_available(),

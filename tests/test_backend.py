@@ -34,10 +34,21 @@ def test_openblas_thread_count_can_be_set_and_read():
         _backend.set_blas_threads(0)
 
 
+@needs_openblas
+def test_the_kernel_set_is_reported_and_follows_openblas_coretype():
+    kernels = _backend.openblas_kernels()
+    assert kernels and kernels.isprintable()
+    assert f", {kernels} kernels" in _backend.blas_status
+    forced = os.environ.get("OPENBLAS_CORETYPE")  # set on some machines; never changed here
+    if forced:
+        assert kernels.lower() == forced.lower()
+
+
 def test_without_openblas_there_is_no_thread_control(monkeypatch):
     monkeypatch.setattr(_backend, "_blas_handle", None)
     assert _backend.blas_threads() is None
     assert _backend.set_blas_threads(2) is False
+    assert _backend.openblas_kernels() is None
 
 
 @linux

@@ -239,3 +239,29 @@ def test_bert_family_smoke_run(bert_smoke_results, tmp_path):
     report.write(bert_smoke_results, tmp_path)
     text = (tmp_path / "results.md").read_text()
     assert "bge-base's shape" in text and "kalm-mlx / ONNX Runtime float32" in text
+
+
+def test_machine_info_names_the_cpu_and_what_chooses_openblas_kernels(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_TEST_MARKER", "1")  # an OPENBLAS_* variable OpenBLAS ignores
+    machine = runtimes.machine_info()
+    assert machine["openblas_environment"]["OPENBLAS_TEST_MARKER"] == "1"
+    assert all(key.startswith("OPENBLAS_") for key in machine["openblas_environment"])
+    if Path("/proc/cpuinfo").exists() and machine["cpu_family"] is not None:
+        assert machine["cpu_family"].isdigit() and machine["avx512"] in (True, False)
+
+
+def test_stamp_names_the_kernels_and_a_forced_kernel_choice():
+    results = {
+        "machine": {"cpu": "AMD EPYC", "cpu_family": "26", "cpu_model": "2", "avx512": True, "cores": 2,
+                    "openblas_environment": {"OPENBLAS_CORETYPE": "Haswell"}},
+        "runtimes": {"kalm-mlx float32": {"kind": "mlx-float32", "info": {
+            "mlx": "0.32.4", "device": "Device(cpu, 0)", "blas": "/usr/lib/libopenblas.so.0",
+            "blas_kernels": "Haswell", "blas_threads": 2}}},
+        "date": "2026-12-02T06:00:00+00:00",
+    }
+    line = report.stamp(results)
+    assert line.startswith("AMD EPYC (family 26, model 2), AVX-512, 2 cores; ")
+    assert "with libopenblas.so.0 (Haswell kernels), 2 threads" in line
+    assert "OPENBLAS_CORETYPE=Haswell" in line and line.endswith("2026-12-02")
+    results["machine"]["openblas_environment"] = {}
+    assert "OPENBLAS_CORETYPE" not in report.stamp(results)

@@ -9,7 +9,13 @@ import pytest
 
 from kalm_mlx.embedder import (CPU_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TOKENS, default_max_batch_tokens,
                                default_parallel_streams)
-from kalm_mlx.models.base import LONG_ATTENTION_LENGTH, MASKED_SCORE, cpu_attention, exp2_nonpositive, swiglu
+from kalm_mlx.models.base import (
+    MASKED_SCORE,
+    cpu_attention,
+    exp2_nonpositive,
+    long_attention_length,
+    swiglu,
+)
 from kalm_mlx.models.qwen2 import rope_tables
 
 
@@ -78,11 +84,19 @@ def test_exp2_matches_numpy_and_flushes_tiny_values_to_zero():
     assert np.isnan(np.array(exp2_nonpositive(mx.array([np.nan, -1.0], dtype=mx.float32)))[0])
 
 
-@pytest.mark.parametrize("heads,kv_heads,length", [(14, 2, 37), (4, 4, 8), (2, 1, 1), (4, 2, LONG_ATTENTION_LENGTH),
-                                                    (2, 2, LONG_ATTENTION_LENGTH + 3)])
-def test_cpu_attention_matches_sdpa(heads, kv_heads, length):
+def test_the_long_text_path_starts_at_a_length_proportional_to_the_head_size():
+    assert long_attention_length(32) == 128 and long_attention_length(64) == 256
+    assert long_attention_length(128) == 2 * long_attention_length(64)
+
+
+@pytest.mark.parametrize("heads,kv_heads,length,dim", [
+    (14, 2, 37, 64), (4, 4, 8, 64), (2, 1, 1, 64),
+    (4, 2, long_attention_length(64), 64), (2, 2, long_attention_length(64) + 3, 64),  # the long-text path
+    (12, 12, long_attention_length(32) - 1, 32), (12, 12, long_attention_length(32), 32),  # either side
+])
+def test_cpu_attention_matches_sdpa(heads, kv_heads, length, dim):
     rng = np.random.default_rng(heads + length)
-    batch, dim = 3, 64
+    batch = 3
     queries = mx.array(rng.normal(size=(batch, heads, length, dim)).astype(np.float32) * 2)
     keys = mx.array(rng.normal(size=(batch, kv_heads, length, dim)).astype(np.float32) * 2)
     values = mx.array(rng.normal(size=(batch, kv_heads, length, dim)).astype(np.float32))

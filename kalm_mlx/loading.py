@@ -20,7 +20,7 @@ import mlx.nn as nn
 from ._backend import trim_malloc
 from .embedder import Embedder, load_tokenizer
 from .models import family_module, family_of
-from .models.base import check_weights
+from .models.base import Linear, check_weights
 from .pooling import POOLING_METHODS
 from .registry import ModelEntry, find_model, get_model
 
@@ -382,7 +382,7 @@ def _dequantized_layer(layer: nn.Module, dtype: mx.Dtype) -> nn.Module:
         plain = nn.Embedding(*weight.shape)
     else:
         output_dims, input_dims = weight.shape
-        plain = nn.Linear(input_dims, output_dims, bias="bias" in layer)
+        plain = Linear(input_dims, output_dims, bias="bias" in layer)
         if "bias" in layer:
             plain.bias = layer.bias
     plain.weight = weight

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import kalm_mlx
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 
@@ -230,3 +232,18 @@ def test_padding_key_mask_and_attention_pick_the_path(monkeypatch):
     expected = np.array(mx.fast.scaled_dot_product_attention(queries, keys, values, scale=0.3, mask=plain_mask))
     assert np.array_equal(plain, expected)
     assert np.abs(fast - expected).max() <= 2e-6
+
+
+def test_linear_adds_its_bias_after_the_matmul_as_nn_linear_does():
+    from kalm_mlx.models.base import Linear
+
+    layer = Linear(64, 40, bias=True)
+    x = mx.random.normal((3, 5, 64), key=mx.random.key(0))
+    expected = mx.addmm(layer.bias, x, layer.weight.T)
+    assert np.abs(np.array(layer(x)) - np.array(expected)).max() <= 1e-5
+    assert set(dict(tree_flatten(layer.parameters()))) == {"weight", "bias"}  # checkpoints load unchanged
+    no_bias = Linear(64, 40, bias=False)
+    assert np.abs(np.array(no_bias(x)) - np.array(x @ no_bias.weight.T)).max() == 0
+    model = nn.Sequential(layer)
+    nn.quantize(model, group_size=32, bits=8)
+    assert isinstance(model.layers[0], nn.QuantizedLinear)

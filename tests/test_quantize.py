@@ -18,6 +18,7 @@ from kalm_mlx.conversion.core import prepare_weights
 from kalm_mlx.conversion.quantize import REPORT_TEXTS
 from kalm_mlx.loading import read_safetensors, release_memory
 from kalm_mlx.models import FAMILIES
+from kalm_mlx.models.base import Linear
 from tests.helpers import TEXTS, make_qwen2_checkpoint
 
 QWEN2_LAYERS = 1 + 2 * 7  # the token embedding and seven Linear layers per block, two blocks
@@ -156,12 +157,12 @@ def test_load_modes_choose_the_layer_types(quantized):
     dequantized = _quantized_layers(kalm_mlx.load(folder, quantized="dequantize"))
     auto = _quantized_layers(kalm_mlx.load(folder))
     assert set(keep.values()) == {nn.QuantizedLinear, nn.QuantizedEmbedding}
-    assert set(dequantized.values()) == {nn.Linear, nn.Embedding}
+    assert set(dequantized.values()) == {Linear, nn.Embedding}
     if mx.default_device() == mx.gpu:
         assert auto == keep
     else:  # CPU: float Linear layers for speed, the embedding table stays quantized
         assert auto["embed_tokens"] is nn.QuantizedEmbedding
-        assert {kind for path, kind in auto.items() if path != "embed_tokens"} == {nn.Linear}
+        assert {kind for path, kind in auto.items() if path != "embed_tokens"} == {Linear}
 
 
 def test_release_memory_empties_the_mlx_cache():
@@ -191,7 +192,7 @@ def test_layers_the_group_size_does_not_divide_stay_float(tmp_path):
     model = kalm_mlx.load(tmp_path / "out", quantized="keep")
     layers = _quantized_layers(model)
     assert layers["layers.0.mlp.down_proj"] is nn.QuantizedLinear
-    assert layers["layers.0.mlp.up_proj"] is nn.Linear and layers["embed_tokens"] is nn.Embedding
+    assert layers["layers.0.mlp.up_proj"] is Linear and layers["embed_tokens"] is nn.Embedding
     reference = kalm_mlx.load(source).encode(TEXTS)
     assert _cosines(model.encode(TEXTS), reference).min() >= 0.999
 

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (
+    Linear,
     additive_key_mask,
     attention,
     check_weights,
@@ -132,9 +133,9 @@ class SelfAttention(nn.Module):
         self.head_dim = args.head_dim
         self.scale = self.head_dim**-0.5
         dim = args.hidden_size
-        self.query = nn.Linear(dim, dim, bias=True)
-        self.key = nn.Linear(dim, dim, bias=True)
-        self.value = nn.Linear(dim, dim, bias=True)
+        self.query = Linear(dim, dim, bias=True)
+        self.key = Linear(dim, dim, bias=True)
+        self.value = Linear(dim, dim, bias=True)
 
     def _heads(self, x: mx.array) -> mx.array:
         batch, length, _ = x.shape
@@ -152,7 +153,7 @@ class DenseAddNorm(nn.Module):
 
     def __init__(self, in_dims: int, args: ModelArgs):
         super().__init__()
-        self.dense = nn.Linear(in_dims, args.hidden_size, bias=True)
+        self.dense = Linear(in_dims, args.hidden_size, bias=True)
         self.LayerNorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
 
     def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
@@ -173,7 +174,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.dense = nn.Linear(args.hidden_size, args.intermediate_size, bias=True)
+        self.dense = Linear(args.hidden_size, args.intermediate_size, bias=True)
         self.activation = ACTIVATIONS[args.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (
+    Linear,
     attention,
     check_weights,
     gelu,
@@ -218,8 +219,8 @@ class Attention(nn.Module):
         self.rope_base = args.rope_base
         self.rope_traditional = args.rope_traditional
         dim = args.hidden_size
-        self.Wqkv = nn.Linear(dim, 3 * dim, bias=args.qkv_bias)
-        self.out_proj = nn.Linear(dim, dim, bias=args.qkv_bias)
+        self.Wqkv = Linear(dim, 3 * dim, bias=args.qkv_bias)
+        self.out_proj = Linear(dim, dim, bias=args.qkv_bias)
 
     def _rope(self, x: mx.array) -> mx.array:
         # Rotates the first rotary_dims features of each head and leaves the rest.
@@ -248,9 +249,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.fc11 = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_fc1_bias)
-        self.fc12 = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_fc1_bias)
-        self.fc2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_fc2_bias)
+        self.fc11 = Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_fc1_bias)
+        self.fc12 = Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_fc1_bias)
+        self.fc2 = Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_fc2_bias)
         self.activation = GATE_ACTIVATIONS[args.activation_function]
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -15,7 +15,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import attention, check_weights, fast_cpu_paths, padding_key_mask, strip_prefix, swiglu
+from .base import Linear, attention, check_weights, fast_cpu_paths, padding_key_mask, strip_prefix, swiglu
 
 MODEL_TYPES = ("qwen2",)
 DEFAULT_POOLING = "mean"
@@ -131,10 +131,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.rope_theta = args.rope_theta
         dim = args.hidden_size
-        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.q_proj = Linear(dim, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=False)
 
     def _heads(self, x: mx.array, n_heads: int) -> mx.array:
         batch, length, _ = x.shape
@@ -167,9 +167,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

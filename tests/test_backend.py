@@ -152,7 +152,7 @@ def test_the_default_warns_only_without_openblas():
         assert [category for category, _ in child["warnings"]] == ["SlowBlasWarning"]
     else:
         assert child["warnings"] == []
-        assert child["blas"] == f"{_backend.blas_library}, loaded before mlx.core"
+        assert child["blas"] == f"{_backend.blas_library}, loaded before mlx.core, {_backend.openblas_kernels()} kernels"
     assert child["again"] == [child["blas_library"], child["blas"]]
 
 

@@ -435,15 +435,13 @@ def _cpuinfo_fields(names: tuple[str, ...]) -> dict[str, str]:
     return fields
 
 
-AVX512_FLAGS = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
-"""The AVX-512 features OpenBLAS's SkylakeX kernels and ONNX Runtime's AVX-512 GEMM use."""
-
-
 def machine_info() -> dict:
     """What the numbers were measured on: CPU model (family, model number, AVX-512), cores,
     memory, OS, Python, load, and the ``OPENBLAS_*`` variables that choose OpenBLAS's kernels."""
+    from kalm_mlx._backend import cpu_flags, has_avx512
+
     cpu = platform.processor() or platform.machine()
-    fields = _cpuinfo_fields(("model name", "cpu family", "model", "flags"))
+    fields = _cpuinfo_fields(("model name", "cpu family", "model"))
     cpu = fields.get("model name", cpu)
     if sys.platform == "darwin":
         try:
@@ -455,12 +453,12 @@ def machine_info() -> dict:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = None
-    flags = set(fields.get("flags", "").split())
+    flags = cpu_flags()
     return {
         "cpu": cpu,
         "cpu_family": fields.get("cpu family"),
         "cpu_model": fields.get("model"),
-        "avx512": all(flag in flags for flag in AVX512_FLAGS) if flags else None,
+        "avx512": has_avx512(flags) if flags else None,
         "openblas_environment": {key: value for key, value in sorted(os.environ.items())
                                  if key.startswith("OPENBLAS_")},
         "cores": os.cpu_count(),

@@ -44,6 +44,49 @@ _blas_handle: ctypes.CDLL | None = None
 _slow_blas_reason: str | None = None
 
 
+AVX512_FLAGS = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
+"""The AVX-512 features (as Linux's /proc/cpuinfo names them) of OpenBLAS's SkylakeX-family kernels."""
+AVX512_KERNELS = ("SkylakeX", "Cooperlake", "SapphireRapids")
+"""OpenBLAS kernel sets whose float32 GEMM uses AVX-512."""
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (the first ``flags`` line of ``cpuinfo``);
+    empty where there is no such file or line (macOS, most ARM machines)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_avx512(flags: frozenset[str]) -> bool:
+    """True when ``flags`` (see :func:`cpu_flags`) hold every feature of :data:`AVX512_FLAGS`."""
+    return all(flag in flags for flag in AVX512_FLAGS)
+
+
+def blas_kernel_note(kernels: str | None, flags: frozenset[str], environ: dict[str, str]) -> str | None:
+    """A warning line when OpenBLAS runs kernels without AVX-512 on a CPU that has it, else None.
+
+    On such a CPU OpenBLAS's AVX2 kernels run float32 matmul at about half the speed of its
+    AVX-512 ones (AMD Zen 5: ~105 against ~200 GFLOP/s a core). Usually ``OPENBLAS_CORETYPE``
+    chose them (some machines set it because older OpenBLAS builds miscompute on their CPU),
+    or the OpenBLAS is older than the CPU. kalm-mlx only says so; it never changes the variable.
+    """
+    if not kernels or not has_avx512(flags):
+        return None
+    if kernels.lower() in (name.lower() for name in AVX512_KERNELS):
+        return None
+    forced = environ.get("OPENBLAS_CORETYPE")
+    why = (f"OPENBLAS_CORETYPE={forced} chose them" if forced
+           else "this OpenBLAS chose them; a newer one may know this CPU")
+    return (f"OpenBLAS runs its {kernels} kernels (no AVX-512) on a CPU with AVX-512 ({why}): "
+            "float32 matmul runs at about half the speed its AVX-512 kernels reach")
+
+
 def _find_openblas() -> str | None:
     for path in _CANDIDATES:
         if os.path.exists(path):

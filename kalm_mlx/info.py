@@ -25,7 +25,8 @@ def environment_report() -> dict:
     Keys: ``kalm_mlx``, ``mlx``, ``python`` (versions), ``python_executable``, ``os``,
     ``machine``, ``device`` (``"cpu"`` or ``"gpu"``, MLX's default), ``device_name``,
     ``blas_library`` (the path kalm-mlx loaded, or None), ``blas`` (one line on MLX's BLAS),
-    ``blas_kernels`` (the kernel set OpenBLAS runs, such as ``Haswell``, or None),
+    ``blas_kernels`` (the kernel set OpenBLAS runs, such as ``Haswell``, or None), ``blas_note`` (a warning when
+    those kernels leave the CPU's AVX-512 unused, else None),
     ``blas_threads`` (OpenBLAS's threads at start, None without it), ``cpu_streams`` (streams a CPU batch is split
     over), ``compiled_cpu_paths`` (a C++ compiler for MLX's CPU kernels is on PATH),
     ``compiler``, ``kalm_mlx_home``, ``hf_hub_cache`` and ``converted_models``: one
@@ -44,6 +45,7 @@ def environment_report() -> dict:
         "blas_library": _backend.blas_library,
         "blas": _backend.blas_status,
         "blas_kernels": _backend.openblas_kernels(),
+        "blas_note": _backend.blas_kernel_note(_backend.openblas_kernels(), _backend.cpu_flags(), dict(os.environ)),
         "blas_threads": _backend.blas_thread_budget(),
         "cpu_streams": default_parallel_streams(),
         "compiled_cpu_paths": _backend.cpu_compiler_available(),

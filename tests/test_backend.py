@@ -161,3 +161,33 @@ def test_the_warning_is_exported():
 
     assert kalm_mlx.SlowBlasWarning is _backend.SlowBlasWarning
     assert issubclass(kalm_mlx.SlowBlasWarning, UserWarning)
+
+
+# --- OpenBLAS's kernels on an AVX-512 CPU -------------------------------------------------------
+
+AVX512 = frozenset(_backend.AVX512_FLAGS) | {"fma", "avx2"}
+
+
+def test_cpu_flags_reads_the_first_flags_line(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: other\n")
+    assert _backend.cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "avx512f"}
+    assert _backend.cpu_flags(str(tmp_path / "missing")) == frozenset()
+    (tmp_path / "noflags").write_text("processor\t: 0\n")
+    assert _backend.cpu_flags(str(tmp_path / "noflags")) == frozenset()
+    assert _backend.has_avx512(AVX512) and not _backend.has_avx512(AVX512 - {"avx512vl"})
+
+
+def test_avx2_kernels_on_an_avx512_cpu_are_named_with_their_cause():
+    forced = _backend.blas_kernel_note("Haswell", AVX512, {"OPENBLAS_CORETYPE": "Haswell"})
+    assert forced and "Haswell kernels" in forced and "OPENBLAS_CORETYPE=Haswell" in forced
+    assert "half the speed" in forced
+    chosen = _backend.blas_kernel_note("Zen", AVX512, {})
+    assert chosen and "this OpenBLAS chose them" in chosen
+
+
+def test_no_note_where_the_kernels_fit_the_cpu():
+    assert _backend.blas_kernel_note("Cooperlake", AVX512, {}) is None
+    assert _backend.blas_kernel_note("SKYLAKEX", AVX512, {"OPENBLAS_CORETYPE": "SKYLAKEX"}) is None
+    assert _backend.blas_kernel_note("Haswell", frozenset({"fma", "avx2"}), {}) is None  # no AVX-512
+    assert _backend.blas_kernel_note(None, AVX512, {}) is None  # no OpenBLAS

@@ -214,6 +214,8 @@ def test_info_json_describes_this_environment(capsys, monkeypatch, converted_hom
         assert report["blas_threads"] == _backend.blas_thread_budget() >= 1
         assert report["blas_kernels"] == _backend.openblas_kernels()
         assert f", {report['blas_kernels']} kernels" in report["blas"]
+        assert report["blas_note"] == _backend.blas_kernel_note(report["blas_kernels"], _backend.cpu_flags(),
+                                                                dict(os.environ))
     assert report["blas"] == _backend.blas_status
     assert report["cpu_streams"] == default_parallel_streams()
     assert report["compiled_cpu_paths"] is _backend.cpu_compiler_available()

@@ -418,30 +418,13 @@ def make_runtime(kind: str, folder: str):
     raise ValueError(f"unknown runtime {kind!r}: expected torch, onnx, mlx-<dtype> or mlx-<dtype>-<quantized>")
 
 
-def _cpuinfo_fields(names: tuple[str, ...]) -> dict[str, str]:
-    """The first value of each of ``names`` in /proc/cpuinfo (absent ones left out)."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in names and key not in fields:
-                    fields[key] = value.strip()
-                if len(fields) == len(names):
-                    break
-    except OSError:
-        pass
-    return fields
-
-
 def machine_info() -> dict:
     """What the numbers were measured on: CPU model (family, model number, AVX-512), cores,
     memory, OS, Python, load, and the ``OPENBLAS_*`` variables that choose OpenBLAS's kernels."""
-    from kalm_mlx._backend import cpu_flags, has_avx512
+    from kalm_mlx._backend import cpuinfo_fields, has_avx512
 
     cpu = platform.processor() or platform.machine()
-    fields = _cpuinfo_fields(("model name", "cpu family", "model"))
+    fields = cpuinfo_fields(("model name", "cpu family", "model", "flags"))
     cpu = fields.get("model name", cpu)
     if sys.platform == "darwin":
         try:
@@ -453,7 +436,7 @@ def machine_info() -> dict:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = None
-    flags = cpu_flags()
+    flags = frozenset(fields.get("flags", "").split())
     return {
         "cpu": cpu,
         "cpu_family": fields.get("cpu family"),

@@ -50,17 +50,28 @@ AVX512_KERNELS = ("SkylakeX", "Cooperlake", "SapphireRapids")
 """OpenBLAS kernel sets whose float32 GEMM uses AVX-512."""
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (the first ``flags`` line of ``cpuinfo``);
-    empty where there is no such file or line (macOS, most ARM machines)."""
+def cpuinfo_fields(names: tuple[str, ...], cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first value of each of ``names`` (``model name``, ``flags``...) in Linux's ``cpuinfo``;
+    names it lacks are left out, and there is none at all where the file is missing (macOS)."""
+    fields: dict[str, str] = {}
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in names and key not in fields:
+                    fields[key] = value.strip()
+                    if len(fields) == len(names):
+                        break
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (the first ``flags`` line of ``cpuinfo``);
+    empty where there is no such file or line (macOS, most ARM machines)."""
+    return frozenset(cpuinfo_fields(("flags",), cpuinfo).get("flags", "").split())
 
 
 def has_avx512(flags: frozenset[str]) -> bool:

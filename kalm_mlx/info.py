@@ -33,6 +33,7 @@ def environment_report() -> dict:
     ``{"name", "path", "size_bytes"}`` per converted folder in ``kalm_mlx_home``.
     """
     device = mx.default_device()
+    kernels = _backend.openblas_kernels()
     return {
         "kalm_mlx": __version__,
         "mlx": mx.__version__,
@@ -44,8 +45,8 @@ def environment_report() -> dict:
         "device_name": _device_name(),
         "blas_library": _backend.blas_library,
         "blas": _backend.blas_status,
-        "blas_kernels": _backend.openblas_kernels(),
-        "blas_note": _backend.blas_kernel_note(_backend.openblas_kernels(), _backend.cpu_flags(), dict(os.environ)),
+        "blas_kernels": kernels,
+        "blas_note": _backend.blas_kernel_note(kernels, _backend.cpu_flags(), dict(os.environ)),
         "blas_threads": _backend.blas_thread_budget(),
         "cpu_streams": default_parallel_streams(),
         "compiled_cpu_paths": _backend.cpu_compiler_available(),

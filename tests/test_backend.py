@@ -178,6 +178,15 @@ def test_cpu_flags_reads_the_first_flags_line(tmp_path):
     assert _backend.has_avx512(AVX512) and not _backend.has_avx512(AVX512 - {"avx512vl"})
 
 
+def test_cpuinfo_fields_keeps_the_first_value_of_each_name(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\n\n"
+                       "processor\t: 1\nmodel name\t: other\n")
+    assert _backend.cpuinfo_fields(("model name", "cpu family", "model", "stepping"), str(cpuinfo)) == {
+        "model name": "AMD EPYC", "cpu family": "26", "model": "2"}
+    assert _backend.cpuinfo_fields(("model name",), str(tmp_path / "missing")) == {}
+
+
 def test_avx2_kernels_on_an_avx512_cpu_are_named_with_their_cause():
     forced = _backend.blas_kernel_note("Haswell", AVX512, {"OPENBLAS_CORETYPE": "Haswell"})
     assert forced and "Haswell kernels" in forced and "OPENBLAS_CORETYPE=Haswell" in forced

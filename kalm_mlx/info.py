@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,7 +27,8 @@ def environment_report() -> dict:
     ``blas_kernels`` (the kernel set OpenBLAS runs, such as ``Haswell``, or None), ``blas_note`` (a warning when
     those kernels leave the CPU's AVX-512 unused, else None),
     ``blas_threads`` (OpenBLAS's threads at start, None without it), ``cpu_streams`` (streams a CPU batch is split
-    over), ``compiled_cpu_paths`` (a C++ compiler for MLX's CPU kernels is on PATH),
+    over), ``compiled_cpu_paths`` (a C++ compiler for MLX's CPU kernels is on PATH), ``jit_flags`` (the
+    instruction-set flags MLX's CPU kernels are built with, see :func:`kalm_mlx._backend.use_jit_isa_flags`),
     ``compiler``, ``kalm_mlx_home``, ``hf_hub_cache`` and ``converted_models``: one
     ``{"name", "path", "size_bytes"}`` per converted folder in ``kalm_mlx_home``.
     """
@@ -50,11 +50,19 @@ def environment_report() -> dict:
         "blas_threads": _backend.blas_thread_budget(),
         "cpu_streams": default_parallel_streams(),
         "compiled_cpu_paths": _backend.cpu_compiler_available(),
-        "compiler": shutil.which("g++"),
+        "jit_flags": _jit_flags(),
+        "compiler": _backend.real_compiler(),
         "kalm_mlx_home": str(cache_home()),
         "hf_hub_cache": str(hf_hub_cache()),
         "converted_models": converted_models(cache_home()),
     }
+
+
+def _jit_flags() -> str:
+    if mx.default_device() == mx.cpu:
+        _backend.use_jit_isa_flags()
+        return _backend.jit_flags_status
+    return "none (MLX computes on the GPU)"
 
 
 def converted_models(folder: Path) -> list[dict]:

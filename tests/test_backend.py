@@ -200,3 +200,124 @@ def test_no_note_where_the_kernels_fit_the_cpu():
     assert _backend.blas_kernel_note("SKYLAKEX", AVX512, {"OPENBLAS_CORETYPE": "SKYLAKEX"}) is None
     assert _backend.blas_kernel_note("Haswell", frozenset({"fma", "avx2"}), {}) is None  # no AVX-512
     assert _backend.blas_kernel_note(None, AVX512, {}) is None  # no OpenBLAS
+
+
+# --- Instruction-set flags for MLX's CPU JIT ---------------------------------------------------
+
+AVX2_CPU = frozenset({"sse2", "avx2", "fma", "f16c"})
+
+
+def test_jit_flags_are_avx2_on_x86_linux_cpus_that_have_it():
+    flags = _backend.jit_isa_flags({}, AVX2_CPU, "x86_64", "linux")
+    assert flags == _backend.AVX2_JIT_FLAGS == ("-mavx2", "-mfma", "-mf16c")
+    assert _backend.jit_isa_flags({"KALM_MLX_JIT_FLAGS": "auto"}, AVX2_CPU, "x86_64", "linux") == flags
+    assert _backend.jit_isa_flags({}, AVX2_CPU - {"fma"}, "x86_64", "linux") == ()
+    assert _backend.jit_isa_flags({}, AVX2_CPU, "arm64", "darwin") == ()
+    assert _backend.jit_isa_flags({}, AVX2_CPU, "aarch64", "linux") == ()
+
+
+def test_jit_flags_setting_turns_them_off_or_names_them():
+    for off in ("off", "none", "0", " OFF "):
+        assert _backend.jit_isa_flags({"KALM_MLX_JIT_FLAGS": off}, AVX2_CPU, "x86_64", "linux") == ()
+    chosen = _backend.jit_isa_flags({"KALM_MLX_JIT_FLAGS": "-march=native -mtune=znver4"}, frozenset(),
+                                    "aarch64", "linux")
+    assert chosen == ("-march=native", "-mtune=znver4")
+    for bad in ("-O0", "-mavx2; rm -rf ~", "avx2", "-mavx2 $(id)"):
+        with pytest.raises(ValueError, match="KALM_MLX_JIT_FLAGS=.*is not a -m compiler flag"):
+            _backend.jit_isa_flags({"KALM_MLX_JIT_FLAGS": bad}, AVX2_CPU, "x86_64", "linux")
+
+
+def _fake_compiler(tmp_path: Path) -> Path:
+    """A stand-in for g++ that prints the arguments it was given, one a line."""
+    compiler = tmp_path / "real bin" / "g++"
+    compiler.parent.mkdir()
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    compiler.chmod(0o755)
+    return compiler
+
+
+@linux
+def test_the_wrapper_adds_flags_to_mlx_kernel_builds_only(tmp_path):
+    compiler = _fake_compiler(tmp_path)
+    wrapper = tmp_path / "g++"
+    wrapper.write_text(_backend.jit_wrapper_script(str(compiler), ("-mavx2", "-mfma")))
+    wrapper.chmod(0o755)
+    mlx_build = ["-std=c++17", "-O3", "-shared", "/tmp/mlx/0.32.4/cpu/K.cpp", "-o", "/tmp/mlx/0.32.4/cpu/libK.so"]
+    run = subprocess.run([str(wrapper), *mlx_build], capture_output=True, text=True, check=True)
+    assert run.stdout.split("\n")[:-1] == ["-mavx2", "-mfma", *mlx_build]
+    other = ["-O2", "my file.c", "-o", "/tmp/a.out"]
+    run = subprocess.run([str(wrapper), *other], capture_output=True, text=True, check=True)
+    assert run.stdout.split("\n")[:-1] == other  # untouched, spaces in arguments kept
+
+
+@linux
+def test_use_jit_isa_flags_puts_one_wrapper_first_on_path(tmp_path, monkeypatch):
+    compiler = _fake_compiler(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", f"{compiler.parent}{os.pathsep}/usr/bin")
+    monkeypatch.setattr(_backend, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": AVX2_CPU)
+    monkeypatch.setattr(_backend.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("KALM_MLX_JIT_FLAGS", "auto")
+    assert _backend.use_jit_isa_flags() == _backend.AVX2_JIT_FLAGS
+    first = Path(os.environ["PATH"].split(os.pathsep)[0])
+    assert first.is_relative_to(tmp_path / "cache" / "kalm-mlx" / "jit-compiler")
+    assert (first / "g++").read_text() == _backend.jit_wrapper_script(str(compiler), _backend.AVX2_JIT_FLAGS)
+    assert _backend.real_compiler() == str(compiler)
+    assert "-mavx2 -mfma -mf16c" in _backend.jit_flags_status
+    # Again, and with other flags: still one wrapper on PATH, running the real compiler.
+    assert _backend.use_jit_isa_flags() == _backend.AVX2_JIT_FLAGS
+    monkeypatch.setenv("KALM_MLX_JIT_FLAGS", "-march=native")
+    assert _backend.use_jit_isa_flags() == ("-march=native",)
+    entries = os.environ["PATH"].split(os.pathsep)
+    assert entries[1:] == [str(compiler.parent), "/usr/bin"]
+    assert str(compiler) in Path(entries[0], "g++").read_text()
+
+
+@linux
+def test_use_jit_isa_flags_changes_nothing_when_off_or_without_a_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("KALM_MLX_JIT_FLAGS", "off")
+    path = os.environ["PATH"]
+    assert _backend.use_jit_isa_flags() == () and os.environ["PATH"] == path
+    assert "KALM_MLX_JIT_FLAGS=off" in _backend.jit_flags_status
+    monkeypatch.setenv("KALM_MLX_JIT_FLAGS", "-mavx2")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ there
+    assert _backend.use_jit_isa_flags() == () and os.environ["PATH"] == str(tmp_path)
+    assert _backend.jit_flags_status == "none (no g++ on PATH)"
+    monkeypatch.setenv("KALM_MLX_JIT_FLAGS", "-O0")
+    with pytest.warns(UserWarning, match="is not a -m compiler flag"):
+        assert _backend.use_jit_isa_flags() == ()
+    assert not (tmp_path / "cache").exists()
+
+
+_COMPILE_ONE_KERNEL = """
+import sys
+import kalm_mlx
+from kalm_mlx import _backend
+import mlx.core as mx
+flags = _backend.use_jit_isa_flags()
+f = mx.compile(lambda x: x * 3.0 + 1.25)
+print(f(mx.array([1.0, 2.0])).tolist(), " ".join(flags))
+"""
+
+
+@linux
+@pytest.mark.skipif(not _backend.cpu_compiler_available(), reason="needs g++ for MLX's CPU JIT")
+@pytest.mark.skipif(not _backend.jit_isa_flags(), reason="no flags to add on this CPU")
+def test_mlx_kernels_are_built_with_the_flags(tmp_path):
+    """A real MLX compile in a child process (its own JIT cache in TMPDIR): the kernel's source is
+    built through the wrapper, gives the right numbers, and its library holds AVX (VEX) code."""
+    import shutil
+
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("KALM_MLX_JIT_FLAGS", None)
+    (tmp_path / "tmp").mkdir()
+    done = subprocess.run([sys.executable, "-c", _COMPILE_ONE_KERNEL], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-5:] == ["[4.25,", "7.25]", "-mavx2", "-mfma", "-mf16c"]
+    libraries = list((tmp_path / "tmp").glob("mlx/*/cpu/lib*.so"))
+    assert libraries, "MLX built no kernel library"
+    if shutil.which("objdump"):
+        code = subprocess.run(["objdump", "-d", str(libraries[0])], capture_output=True, text=True).stdout
+        assert "%ymm" in code

@@ -219,6 +219,8 @@ def test_info_json_describes_this_environment(capsys, monkeypatch, converted_hom
     assert report["blas"] == _backend.blas_status
     assert report["cpu_streams"] == default_parallel_streams()
     assert report["compiled_cpu_paths"] is _backend.cpu_compiler_available()
+    assert report["jit_flags"] == _backend.jit_flags_status != "not set up yet"
+    assert report["compiler"] == _backend.real_compiler()
     assert report["kalm_mlx_home"] == str(converted_home)
     assert report["hf_hub_cache"] == str(offline_env / "hf" / "hub")
     folder = converted_home / "kalm-v2"

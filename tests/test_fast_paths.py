@@ -76,6 +76,13 @@ def test_cpu_batches_are_small(small_model):
         assert small_model.max_batch_tokens == CPU_MAX_BATCH_TOKENS * small_model.parallel_streams
 
 
+def test_loading_on_the_cpu_sets_up_the_jit_flags(small_model):
+    from kalm_mlx import _backend
+
+    if mx.default_device() == mx.cpu:
+        assert _backend.jit_flags_status != "not set up yet"
+
+
 def test_exp2_matches_numpy_and_flushes_tiny_values_to_zero():
     x = np.concatenate([np.linspace(-70, 0, 700_001), [-1e9, -2.0**30]]).astype(np.float32)
     got = np.array(exp2_nonpositive(mx.array(x))).astype(np.float64)

@@ -9,10 +9,10 @@ with multiply, add and divide only, the C++ compiler behind ``mx.compile`` vecto
 - SwiGLU: tanh(x) ~ x P(x^2) / Q(x^2) on 0 <= x <= 9 (beyond, tanh(x) is 1 in float32),
   P(0) = Q(0) = 1 so that tanh(x) ~ x near 0 exactly, degree 4 in x^2 each; absolute
   error is what counts, since SwiGLU computes h + h tanh(g / 2). These are
-  ``kalm_mlx.models.qwen2._TANH_P`` and ``_TANH_Q``.
-- Softmax: 2^r ~ A(r) on -1/2 <= r <= 1/2, degree 6, relative error; 2^x is then
-  A(x - round(x)) times 2^round(x), built from the exponent bits. These are
-  ``kalm_mlx.models.qwen2._EXP2_POLY``.
+  ``kalm_mlx.models.base._TANH_P`` and ``_TANH_Q``.
+- Softmax: 2^r ~ A(r) on -1/2 <= r <= 1/2, degree 6, relative error; for x <= 0, 2^x is then
+  2^-1/2 A(x - trunc(x) + 1/2) times 2^trunc(x), the latter added to the exponent bits. These are
+  ``kalm_mlx.models.base._EXP2_POLY``.
 - GELU (BERT's exact, erf-based one): erf(z) ~ z P(z^2) / Q(z^2) on 0 <= z <= 4 (beyond,
   erf(z) is 1 in float32), Q(0) = 1, degree 5 each, absolute error (GELU computes
   h + h erf(x / sqrt(2))). These are ``kalm_mlx.models.base._ERF_P`` and ``_ERF_Q``.

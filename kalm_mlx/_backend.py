@@ -285,8 +285,11 @@ def cpu_compiler_available() -> bool:
 
     ``mx.compile`` on the CPU backend writes C++ and builds it with ``g++`` at run time;
     without one on PATH the process exits with no Python exception. The encoders' CPU
-    fast paths are compiled, so they are used only when this is True.
+    fast paths are compiled, so they are used only when this is True. The first call puts
+    :func:`use_jit_isa_flags` in place, before kalm-mlx's first kernel is built: MLX keeps
+    each build in its cache by name, with whatever flags it was first built with.
     """
+    use_jit_isa_flags()
     return shutil.which("g++") is not None
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer
 
-from ._backend import blas_thread_budget, set_blas_threads, tune_malloc, use_jit_isa_flags
+from ._backend import blas_thread_budget, set_blas_threads, tune_malloc
 from .pooling import normalize as l2_normalize
 from .pooling import pool, truncate
 
@@ -200,7 +200,6 @@ class Embedder:
         """CPU streams a batch is split over (see :func:`default_parallel_streams`); 1 turns it off."""
         if mx.default_device() == mx.cpu:
             tune_malloc()
-            use_jit_isa_flags()
         self.truncated_texts = 0
         """How many texts were cut to ``max_tokens`` since loading (a running count)."""
         self._lock = threading.Lock()

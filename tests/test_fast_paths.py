@@ -14,7 +14,8 @@ from kalm_mlx.embedder import (CPU_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TOKENS, d
 from kalm_mlx.models.base import (
     MASKED_SCORE,
     cpu_attention,
-    exp2_nonpositive,
+    exp2_shifted,
+    fast_cpu_paths,
     long_attention_length,
     swiglu,
 )
@@ -76,21 +77,35 @@ def test_cpu_batches_are_small(small_model):
         assert small_model.max_batch_tokens == CPU_MAX_BATCH_TOKENS * small_model.parallel_streams
 
 
-def test_loading_on_the_cpu_sets_up_the_jit_flags(small_model):
+def test_the_cpu_fast_paths_set_up_the_jit_flags_first():
     from kalm_mlx import _backend
 
-    if mx.default_device() == mx.cpu:
+    if fast_cpu_paths():
         assert _backend.jit_flags_status != "not set up yet"
 
 
-def test_exp2_matches_numpy_and_flushes_tiny_values_to_zero():
+def test_exp2_shifted_matches_numpy_and_keeps_tiny_values_normal():
     x = np.concatenate([np.linspace(-70, 0, 700_001), [-1e9, -2.0**30]]).astype(np.float32)
-    got = np.array(exp2_nonpositive(mx.array(x))).astype(np.float64)
+    got = np.array(exp2_shifted(mx.array(x), mx.array(0.0))).astype(np.float64)
     expected = np.exp2(x.astype(np.float64))
-    normal = x >= -59
-    assert (np.abs(got - expected) / expected)[normal].max() <= 2e-7
-    assert np.all(got[x < -61] == 0)
-    assert np.isnan(np.array(exp2_nonpositive(mx.array([np.nan, -1.0], dtype=mx.float32)))[0])
+    normal = x >= -60
+    assert (np.abs(got[normal] - expected[normal]) / expected[normal]).max() <= 2e-7
+    below = got[x < -61]
+    assert np.all((below > 2.0**-61 * 0.999) & (below <= 2.0**-60))  # normal numbers, never subnormal
+    nan = np.array(exp2_shifted(mx.array([np.nan, -1.0, 0.0], dtype=mx.float32), mx.array(0.0)))
+    assert np.isnan(nan[0]) and nan[1:].tolist() == pytest.approx([0.5, 1.0], rel=2e-7)
+
+
+def test_exp2_shifted_broadcasts_the_shift_along_either_axis():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(2, 3, 17, 40)).astype(np.float32) * 8
+    for axis in (-1, -2):
+        shift = scores.max(axis=axis, keepdims=True)
+        got = np.array(exp2_shifted(mx.array(scores), mx.array(shift)))
+        expected = np.exp2((scores - shift).astype(np.float64))  # the float32 difference, as computed
+        keep = expected > 2.0**-60
+        assert (np.abs(got - expected) / expected)[keep].max() <= 2e-7
+        assert np.all(got[~keep] <= 2.0**-60)
 
 
 def test_the_long_text_path_starts_at_a_length_proportional_to_the_head_size():

@@ -303,6 +303,7 @@ _AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
 _JIT_FLAG = re.compile(r"^-m[A-Za-z0-9_.,=+-]+$")
 # MLX's JIT writes its sources and libraries to <temp dir>/mlx/<version>/cpu/.
 _MLX_JIT_ARGUMENT = "*/mlx/*/cpu/*"
+_WRAPPER_MARK = "# Written by kalm-mlx (kalm_mlx._backend.use_jit_isa_flags)"
 
 jit_flags_status: str = "not set up yet"
 """One line on the flags MLX's CPU JIT builds with (what ``kalm-mlx info`` prints)."""
@@ -350,9 +351,6 @@ def jit_wrapper_script(compiler: str, flags: tuple[str, ...]) -> str:
         f'case "$*" in\n  {_MLX_JIT_ARGUMENT}) exec {real} {added} "$@" ;;\nesac\n'
         f'exec {real} "$@"\n'
     )
-
-
-_WRAPPER_MARK = "# Written by kalm-mlx (kalm_mlx._backend.use_jit_isa_flags)"
 
 
 def _jit_wrapper_root() -> Path:

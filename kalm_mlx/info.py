@@ -50,19 +50,12 @@ def environment_report() -> dict:
         "blas_threads": _backend.blas_thread_budget(),
         "cpu_streams": default_parallel_streams(),
         "compiled_cpu_paths": _backend.cpu_compiler_available(),
-        "jit_flags": _jit_flags(),
+        "jit_flags": _backend.jit_flags_status,  # set up by cpu_compiler_available() just above
         "compiler": _backend.real_compiler(),
         "kalm_mlx_home": str(cache_home()),
         "hf_hub_cache": str(hf_hub_cache()),
         "converted_models": converted_models(cache_home()),
     }
-
-
-def _jit_flags() -> str:
-    if mx.default_device() == mx.cpu:
-        _backend.use_jit_isa_flags()
-        return _backend.jit_flags_status
-    return "none (MLX computes on the GPU)"
 
 
 def converted_models(folder: Path) -> list[dict]:

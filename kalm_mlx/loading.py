@@ -20,7 +20,7 @@ import mlx.nn as nn
 from ._backend import trim_malloc
 from .embedder import Embedder, load_tokenizer
 from .models import family_module, family_of
-from .models.base import Linear, check_weights
+from .models.base import Linear, check_weights, cpu_weight_layout
 from .pooling import POOLING_METHODS
 from .registry import ModelEntry, find_model, get_model
 
@@ -422,6 +422,7 @@ def build_model(checkpoint: Checkpoint, dtype: mx.Dtype, quantized: str = "auto"
     """Instantiate the encoder, rebuild quantized layers, and load the weights in ``dtype``.
 
     ``quantized`` says which quantized layers stay quantized (see :func:`modules_to_dequantize`).
+    On the CPU, some float weights are stored column-major (:func:`~kalm_mlx.models.base.cpu_weight_layout`).
     ``consume`` empties ``checkpoint.weights`` as each tensor is cast, so that a float16
     folder loaded in float32 never holds both copies at once (peak ~1x, not ~1.5x).
     """
@@ -439,6 +440,8 @@ def build_model(checkpoint: Checkpoint, dtype: mx.Dtype, quantized: str = "auto"
     model.load_weights(weights, strict=True)
     del weights
     dequantize_modules(model, modules_to_dequantize(model, quantized), dtype)
+    if mx.default_device() == mx.cpu:
+        cpu_weight_layout(model)
     model.eval()
     mx.eval(model.parameters())
     return model

@@ -56,7 +56,8 @@ def write_sentence_transformers_files(folder: Path, pooling: str, max_seq_length
     )
 
 
-def make_bert_checkpoint(folder: Path, hidden_act: str = "gelu", seed: int = 0):
+def make_bert_checkpoint(folder: Path, hidden_act: str = "gelu", seed: int = 0,
+                         intermediate_size: int = 128):
     """Save a tiny random BertModel (with its pooler) and the real tokenizer into ``folder``.
 
     300 positions, so the default token limit is 300. Returns the torch model.
@@ -70,7 +71,7 @@ def make_bert_checkpoint(folder: Path, hidden_act: str = "gelu", seed: int = 0):
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        intermediate_size=128,
+        intermediate_size=intermediate_size,
         max_position_embeddings=300,
         hidden_act=hidden_act,
     )
@@ -275,3 +276,17 @@ def test_plain_and_cpu_fast_paths_agree(bert_checkpoint, monkeypatch):
     assert np.abs(fast - plain).max() <= 1e-5
     expected = torch_bert_embed(reference, model.tokenize(BERT_TEXTS), model.pooling)
     assert np.abs(plain - expected).max() <= 1e-4
+
+
+def test_cpu_weight_layout_on_a_loaded_model_keeps_the_vectors(tmp_path):
+    """An intermediate of 1024 floats (4 KiB rows in the output projection): on the CPU the
+    loader stores those weights column-major, and the vectors still match transformers'."""
+    reference = make_bert_checkpoint(tmp_path / "wide", intermediate_size=1024)
+    model = kalm_mlx.load(tmp_path / "wide", dtype="float32")
+    for layer in model.model.encoder.layer:
+        output_weight = memoryview(layer.output.dense.weight)
+        assert output_weight.shape == (64, 1024) and output_weight.strides == (4, 256)
+        assert memoryview(layer.intermediate.dense.weight).strides == (256, 4)  # 256-byte rows: as stored
+    got = model.encode(BERT_TEXTS[:3], batch_size=3)
+    expected = torch_bert_embed(reference, model.tokenize(BERT_TEXTS[:3]), model.pooling)
+    assert np.abs(got - expected).max() <= 1e-5

@@ -14,6 +14,7 @@ from kalm_mlx.embedder import (CPU_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TOKENS, d
 from kalm_mlx.models.base import (
     MASKED_SCORE,
     cpu_attention,
+    cpu_weight_layout,
     exp2_shifted,
     fast_cpu_paths,
     long_attention_length,
@@ -269,3 +270,26 @@ def test_linear_adds_its_bias_after_the_matmul_as_nn_linear_does():
     model = nn.Sequential(layer)
     nn.quantize(model, group_size=32, bits=8)
     assert isinstance(model.layers[0], nn.QuantizedLinear)
+
+
+def test_cpu_weight_layout_stores_4kib_rows_column_major_and_keeps_the_values():
+    from kalm_mlx.models.base import Linear
+
+    model = nn.Sequential(Linear(1024, 8), Linear(8, 24), nn.Linear(2048, 4, bias=False),
+                          nn.Linear(4096, 4), Linear(512, 4))
+    model.layers[4].set_dtype(mx.float16)  # 512 float16 = 1 KiB rows: left as they are
+    # Quantized: 4 KiB rows of packed uint32, not a float weight: left as they are.
+    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda path, _: path == "layers.3")
+    assert isinstance(model.layers[3], nn.QuantizedLinear)
+    before = {name: np.array(value) for name, value in tree_flatten(model.parameters())}
+    x = mx.random.normal((3, 1024), key=mx.random.key(1))
+    expected = np.array(model.layers[0](x))
+    assert sorted(cpu_weight_layout(model)) == ["layers.0", "layers.2"]
+    after = dict(tree_flatten(model.parameters()))
+    assert set(after) == set(before)
+    for name, value in after.items():
+        assert np.array_equal(np.array(value), before[name]), name
+    assert memoryview(model.layers[0].weight).strides == (4, 32)  # (8, 1024): column-major
+    assert memoryview(model.layers[2].weight).strides == (4, 16)
+    assert memoryview(model.layers[1].weight).strides == (32, 4)
+    assert np.abs(np.array(model.layers[0](x)) - expected).max() <= 1e-5

@@ -75,6 +75,34 @@ class Linear(nn.Linear):
         return super().__call__(x)
 
 
+_ALIASING_ROW_BYTES = 4096
+
+
+def cpu_weight_layout(model: nn.Module) -> list[str]:
+    """Store, column-major, the float Linear weights whose rows are a multiple of 4 KiB; returns their paths.
+
+    ``x @ W.T`` with ``W`` (out, in) row-major has OpenBLAS pack ``W`` by reading it across rows;
+    when a row is a multiple of 4 KiB long those reads alias in the CPU caches, and few-row
+    products ran 1.4-2.1x slower than on the same weight stored column-major (AMD Zen 4, 16
+    rows: bge-base's 3072-wide output projection 1.5 ms against 1.0; from 256 rows on, the
+    same speed). Other widths gain nothing, or lose. The weight keeps its shape, values and
+    dtype: it becomes the transposed view of a contiguous (in, out) copy, so ``x @ W.T`` reads
+    that copy as it lies. Made for the CPU device; harmless on a GPU.
+    """
+    changed = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or "weight" not in module:
+            continue
+        weight = module["weight"]
+        if weight.ndim != 2 or not mx.issubdtype(weight.dtype, mx.floating) \
+                or weight.shape[1] * weight.dtype.size % _ALIASING_ROW_BYTES:
+            continue
+        module.weight = mx.contiguous(weight.T).T
+        mx.eval(module.weight)  # one layer at a time: the row-major copy is freed at once
+        changed.append(path)
+    return changed
+
+
 def fast_cpu_paths() -> bool:
     """True when compiled CPU fast paths run: CPU device and a C++ compiler for MLX."""
     return mx.default_device() == mx.cpu and cpu_compiler_available()

@@ -293,3 +293,58 @@ def test_cpu_weight_layout_stores_4kib_rows_column_major_and_keeps_the_values():
     assert memoryview(model.layers[2].weight).strides == (4, 16)
     assert memoryview(model.layers[1].weight).strides == (32, 4)
     assert np.abs(np.array(model.layers[0](x)) - expected).max() <= 1e-5
+
+
+def test_packed_tokens_pack_and_pad_the_real_rows():
+    from kalm_mlx.models.base import PackedTokens, pack_rows, pad_rows
+
+    keep = mx.array([[1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=mx.bool_)
+    padded = mx.arange(3 * 3 * 2, dtype=mx.float32).reshape(3, 3, 2)
+    packed = PackedTokens(keep)
+    assert packed.count == 6
+    rows = np.array(packed.pack(padded))
+    assert rows.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7], [12, 13], [14, 15]]
+    back = np.array(packed.pad(mx.array(rows)))
+    assert back.shape == (3, 3, 2)
+    assert np.array_equal(back[np.array(keep)], rows)
+    assert np.array_equal(back[1, 1], rows[0])  # padding slots hold the first real row: finite
+    assert pack_rows(None, padded) is padded and pad_rows(None, padded) is padded
+
+
+def test_packed_tokens_only_for_padded_float32_batches_on_the_cpu_fast_paths(monkeypatch):
+    from kalm_mlx.models import base
+
+    padded = mx.array([[1, 1], [1, 0]], dtype=mx.bool_)
+    if fast_cpu_paths():
+        assert base.packed_tokens(padded, mx.float32) is not None
+    assert base.packed_tokens(padded, mx.float16) is None
+    assert base.packed_tokens(mx.ones((2, 2), dtype=mx.bool_), mx.float32) is None  # nothing to drop
+    assert base.packed_tokens(None, mx.float32) is None
+    monkeypatch.setattr(base, "fast_cpu_paths", lambda: False)
+    assert base.packed_tokens(padded, mx.float32) is None
+
+
+@pytest.mark.skipif(not fast_cpu_paths(), reason="packing runs with the CPU fast paths only")
+def test_every_family_gives_the_same_vectors_packed_and_padded(tmp_path, monkeypatch):
+    """A padded batch through each family with its real tokens packed, against the same batch
+    kept padded: the token-wise layers compute each row alone, so the vectors agree."""
+    from kalm_mlx.models import base, bert, nomic_bert, qwen2
+    from tests.helpers import make_qwen2_checkpoint
+    from tests.test_bert import make_bert_checkpoint
+    from tests.test_nomic import V15_CONFIG, write_nomic_checkpoint
+
+    make_bert_checkpoint(tmp_path / "bert")
+    write_nomic_checkpoint(tmp_path / "nomic", V15_CONFIG)
+    make_qwen2_checkpoint(tmp_path / "qwen2")
+    texts = ["short", "a somewhat longer text, with a few more words in it than the others", "a text of middle length"]
+    for family, module in (("bert", bert), ("nomic", nomic_bert), ("qwen2", qwen2)):
+        model = kalm_mlx.load(tmp_path / family, dtype="float32")
+        model.parallel_streams = 1  # one padded batch of three lengths
+        calls = []
+        real = base.packed_tokens
+        monkeypatch.setattr(module, "packed_tokens", lambda *a: calls.append(real(*a)) or calls[-1])
+        packed = model.encode(texts, batch_size=3)
+        assert calls and calls[0] is not None and calls[0].count < calls[0].batch * calls[0].length, family
+        monkeypatch.setattr(module, "packed_tokens", lambda *a: None)
+        padded = model.encode(texts, batch_size=3)
+        assert np.abs(packed - padded).max() <= 1e-6, family

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -343,6 +344,56 @@ def _long_attention(grouped: mx.array, keys: mx.array, values: mx.array,
     values = mx.concatenate([values, mx.ones(values.shape[:-1] + (1,), values.dtype)], axis=-1)
     weighted = weights_t.swapaxes(-1, -2) @ values
     return weighted[..., :head_dim] / weighted[..., head_dim:]
+
+
+class PackedTokens:
+    """The real tokens of a padded batch, packed: token-wise layers (the Linear layers,
+    LayerNorms, activations) run on (N, E) rows of real tokens only, attention on the padded grid.
+
+    A padded batch of texts sorted by length still holds some padding (2.8 % in the
+    benchmarks' MiniLM mixed corpus, 20 % in a batch of 32 texts of 8-24 tokens); every
+    Linear layer would compute it. :meth:`pad` fills padding slots with the first real row
+    (finite, and masked out as keys); :meth:`pack` drops them again.
+    """
+
+    def __init__(self, attention_mask: mx.array):
+        keep = np.array(attention_mask).astype(bool)
+        self.batch, self.length = keep.shape
+        rows = np.flatnonzero(keep.reshape(-1))
+        slots = np.zeros(keep.size, dtype=np.int32)
+        slots[rows] = np.arange(rows.size, dtype=np.int32)
+        self.count = int(rows.size)
+        self._rows = mx.array(rows.astype(np.int32))
+        self._slots = mx.array(slots)
+
+    def pack(self, padded: mx.array) -> mx.array:
+        """(B, L, E) -> (N, E): the rows of the real tokens, in order."""
+        return mx.take(padded.reshape(self.batch * self.length, -1), self._rows, axis=0)
+
+    def pad(self, packed: mx.array) -> mx.array:
+        """(N, E) -> (B, L, E): real rows in their places, padding slots holding the first real row."""
+        return mx.take(packed, self._slots, axis=0).reshape(self.batch, self.length, -1)
+
+
+def packed_tokens(attention_mask: mx.array | None, dtype: mx.Dtype) -> PackedTokens | None:
+    """A :class:`PackedTokens` for a padded float32 batch where the CPU fast paths run, else None.
+
+    CPU only: on a GPU the gathers are not measured yet, and a padded batch costs less there.
+    """
+    if attention_mask is None or dtype != mx.float32 or not fast_cpu_paths():
+        return None
+    packed = PackedTokens(attention_mask)
+    return packed if packed.count < packed.batch * packed.length else None
+
+
+def pad_rows(packed: PackedTokens | None, x: mx.array) -> mx.array:
+    """``packed.pad(x)``, or ``x`` itself (already padded) when ``packed`` is None."""
+    return x if packed is None else packed.pad(x)
+
+
+def pack_rows(packed: PackedTokens | None, x: mx.array) -> mx.array:
+    """``packed.pack(x)``, or ``x`` itself (the batch stays padded) when ``packed`` is None."""
+    return x if packed is None else packed.pack(x)
 
 
 def padding_key_mask(attention_mask: mx.array | None, dtype: mx.Dtype) -> mx.array | None:

@@ -15,10 +15,14 @@ import mlx.nn as nn
 
 from .base import (
     Linear,
+    PackedTokens,
     additive_key_mask,
     attention,
     check_weights,
     gelu,
+    pack_rows,
+    packed_tokens,
+    pad_rows,
     padding_key_mask,
     strip_prefix,
 )
@@ -141,11 +145,12 @@ class SelfAttention(nn.Module):
         batch, length, _ = x.shape
         return x.reshape(batch, length, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        batch, length, _ = x.shape
-        queries, keys, values = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+    def __call__(self, x: mx.array, mask: mx.array | None, packed: PackedTokens | None = None) -> mx.array:
+        # x is (B, L, E), or (N, E) real tokens when ``packed``: attention runs padded.
+        queries, keys, values = (self._heads(pad_rows(packed, proj(x))) for proj in (self.query, self.key, self.value))
         out = attention(queries, keys, values, self.scale, mask)
-        return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+        batch, _, length, _ = out.shape
+        return pack_rows(packed, out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
 class DenseAddNorm(nn.Module):
@@ -167,8 +172,8 @@ class Attention(nn.Module):
         self["self"] = SelfAttention(args)
         self.output = DenseAddNorm(args.hidden_size, args)
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        return self.output(self["self"](x, mask), x)
+    def __call__(self, x: mx.array, mask: mx.array | None, packed: PackedTokens | None = None) -> mx.array:
+        return self.output(self["self"](x, mask, packed), x)
 
 
 class Intermediate(nn.Module):
@@ -190,8 +195,8 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(args)
         self.output = DenseAddNorm(args.intermediate_size, args)
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        h = self.attention(x, mask)
+    def __call__(self, x: mx.array, mask: mx.array | None, packed: PackedTokens | None = None) -> mx.array:
+        h = self.attention(x, mask, packed)
         return self.output(self.intermediate(h), h)
 
 
@@ -200,9 +205,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = [Layer(args) for _ in range(args.num_hidden_layers)]
 
-    def __call__(self, h: mx.array, mask: mx.array | None) -> mx.array:
+    def __call__(self, h: mx.array, mask: mx.array | None, packed: PackedTokens | None = None) -> mx.array:
         for layer in self.layer:
-            h = layer(h, mask)
+            h = layer(h, mask, packed)
         return h
 
 
@@ -221,7 +226,9 @@ class Model(nn.Module):
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         h = self.embeddings(input_ids)
-        return self.encoder(h, padding_key_mask(attention_mask, h.dtype))
+        packed = packed_tokens(attention_mask, h.dtype)
+        h = self.encoder(pack_rows(packed, h), padding_key_mask(attention_mask, h.dtype), packed)
+        return pad_rows(packed, h)
 
     def sanitize(self, weights: dict[str, mx.array], source: str = "checkpoint") -> dict[str, mx.array]:
         """Check a Hugging Face BERT checkpoint's tensors and return them under this module's names.

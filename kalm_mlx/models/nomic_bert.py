@@ -22,9 +22,13 @@ import mlx.nn as nn
 
 from .base import (
     Linear,
+    PackedTokens,
     attention,
     check_weights,
     gelu,
+    pack_rows,
+    packed_tokens,
+    pad_rows,
     padding_key_mask,
     strip_prefix,
     swiglu,
@@ -233,15 +237,16 @@ class Attention(nn.Module):
             offset=0,
         )
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        batch, length, _ = x.shape
+    def __call__(self, x: mx.array, mask: mx.array | None, packed: PackedTokens | None = None) -> mx.array:
+        # x is (B, L, E), or (N, E) real tokens when ``packed``: attention runs padded.
+        qkv = pad_rows(packed, self.Wqkv(x))
+        batch, length, _ = qkv.shape
         # Wqkv's rows are q | k | v, each laid out head by head.
-        qkv = self.Wqkv(x).reshape(batch, length, 3, self.n_heads, self.head_dim)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(batch, length, 3, self.n_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         queries, keys, values = qkv[0], qkv[1], qkv[2]
         queries, keys = self._rope(queries), self._rope(keys)
-        out = attention(queries, keys, values, self.scale, mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+        out = attention(queries, keys, values, self.scale, mask).transpose(0, 2, 1, 3).reshape(batch, length, -1)
+        return self.out_proj(pack_rows(packed, out))
 
 
 class GatedMLP(nn.Module):
@@ -268,8 +273,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.norm2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        h = self.norm1(x + self.attn(x, mask))
+    def __call__(self, x: mx.array, mask: mx.array | None, packed: PackedTokens | None = None) -> mx.array:
+        h = self.norm1(x + self.attn(x, mask, packed))
         return self.norm2(h + self.mlp(h))
 
 
@@ -278,9 +283,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = [Block(args) for _ in range(args.num_hidden_layers)]
 
-    def __call__(self, h: mx.array, mask: mx.array | None) -> mx.array:
+    def __call__(self, h: mx.array, mask: mx.array | None, packed: PackedTokens | None = None) -> mx.array:
         for layer in self.layers:
-            h = layer(h, mask)
+            h = layer(h, mask, packed)
         return h
 
 
@@ -305,7 +310,9 @@ class Model(nn.Module):
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         h = self.emb_ln(self.embeddings(input_ids))
-        return self.encoder(h, padding_key_mask(attention_mask, h.dtype))
+        packed = packed_tokens(attention_mask, h.dtype)
+        h = self.encoder(pack_rows(packed, h), padding_key_mask(attention_mask, h.dtype), packed)
+        return pad_rows(packed, h)
 
     def sanitize(self, weights: dict[str, mx.array], source: str = "checkpoint") -> dict[str, mx.array]:
         """Check a nomic checkpoint's tensors and return the ones the encoder uses.

@@ -15,7 +15,8 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import Linear, attention, check_weights, fast_cpu_paths, padding_key_mask, strip_prefix, swiglu
+from .base import (Linear, PackedTokens, attention, check_weights, fast_cpu_paths, pack_rows, packed_tokens,
+                   pad_rows, padding_key_mask, strip_prefix, swiglu)
 
 MODEL_TYPES = ("qwen2",)
 DEFAULT_POOLING = "mean"
@@ -151,17 +152,17 @@ class Attention(nn.Module):
         return _rotate(halves, *tables).reshape(batch, n_heads, length, self.head_dim)
 
     def __call__(self, x: mx.array, mask: mx.array | None,
-                 rope: tuple[mx.array, mx.array] | None = None) -> mx.array:
-        """Attention over ``x`` (B, L, H).
+                 rope: tuple[mx.array, mx.array] | None = None, packed: PackedTokens | None = None) -> mx.array:
+        """Attention over ``x`` (B, L, H), or (N, H) real tokens when ``packed`` (attention runs padded).
 
         ``rope`` is :func:`rope_tables` in x's dtype, or None for ``mx.fast.rope``.
         """
-        batch, length, _ = x.shape
-        queries = self._rope(self.q_proj(x), self.n_heads, rope)
-        keys = self._rope(self.k_proj(x), self.n_kv_heads, rope)
-        values = self._heads(self.v_proj(x), self.n_kv_heads)
+        queries = self._rope(pad_rows(packed, self.q_proj(x)), self.n_heads, rope)
+        keys = self._rope(pad_rows(packed, self.k_proj(x)), self.n_kv_heads, rope)
+        values = self._heads(pad_rows(packed, self.v_proj(x)), self.n_kv_heads)
         out = attention(queries, keys, values, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+        batch, _, length, _ = out.shape
+        return self.o_proj(pack_rows(packed, out.transpose(0, 2, 1, 3).reshape(batch, length, -1)))
 
 
 class MLP(nn.Module):
@@ -184,8 +185,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array | None,
-                 rope: tuple[mx.array, mx.array] | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, rope)
+                 rope: tuple[mx.array, mx.array] | None = None, packed: PackedTokens | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, rope, packed)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -209,9 +210,11 @@ class Model(nn.Module):
             args = self.args
             rope = tuple(t.astype(h.dtype) for t in rope_tables(input_ids.shape[1], args.head_dim,
                                                                  args.rope_theta))
+        packed = packed_tokens(attention_mask, h.dtype)
+        h = pack_rows(packed, h)
         for layer in self.layers:
-            h = layer(h, mask, rope)
-        return self.norm(h)
+            h = layer(h, mask, rope, packed)
+        return pad_rows(packed, self.norm(h))
 
     def sanitize(self, weights: dict[str, mx.array], source: str = "checkpoint") -> dict[str, mx.array]:
         """Map Hugging Face Qwen2 tensor names to this module's, checking names and shapes.

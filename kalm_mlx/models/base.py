@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from .._backend import cpu_compiler_available
@@ -92,11 +92,10 @@ def cpu_weight_layout(model: nn.Module) -> list[str]:
     """
     changed = []
     for path, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or "weight" not in module:
+        if not isinstance(module, nn.Linear):
             continue
-        weight = module["weight"]
-        if weight.ndim != 2 or not mx.issubdtype(weight.dtype, mx.floating) \
-                or weight.shape[1] * weight.dtype.size % _ALIASING_ROW_BYTES:
+        weight = module.weight
+        if not mx.issubdtype(weight.dtype, mx.floating) or weight.shape[1] * weight.dtype.size % _ALIASING_ROW_BYTES:
             continue
         module.weight = mx.contiguous(weight.T).T
         mx.eval(module.weight)  # one layer at a time: the row-major copy is freed at once
@@ -362,7 +361,7 @@ class PackedTokens:
         rows = np.flatnonzero(keep.reshape(-1))
         slots = np.zeros(keep.size, dtype=np.int32)
         slots[rows] = np.arange(rows.size, dtype=np.int32)
-        self.count = int(rows.size)
+        self.count = rows.size
         self._rows = mx.array(rows.astype(np.int32))
         self._slots = mx.array(slots)
 

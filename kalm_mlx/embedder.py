@@ -471,5 +471,9 @@ class Embedder:
             mask[row, : len(seq)] = True
         mask_mx = mx.array(mask)
         padded = not mask.all()
-        hidden = self.model(mx.array(ids), mask_mx if padded else None)
+        if self.pooling == "cls" and getattr(self.model, "supports_first_token_only", False):
+            # CLS pooling reads the first token only: the encoder skips the rest of its last layer.
+            hidden = self.model(mx.array(ids), mask_mx if padded else None, first_token_only=True)
+        else:
+            hidden = self.model(mx.array(ids), mask_mx if padded else None)
         return pool(hidden, mask_mx, self.pooling)

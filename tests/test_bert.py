@@ -290,3 +290,43 @@ def test_cpu_weight_layout_on_a_loaded_model_keeps_the_vectors(tmp_path):
     got = model.encode(BERT_TEXTS[:3], batch_size=3)
     expected = torch_bert_embed(reference, model.tokenize(BERT_TEXTS[:3]), model.pooling)
     assert np.abs(got - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("fast_paths", [True, False])
+@pytest.mark.parametrize("padded", [True, False])
+def test_first_token_only_matches_the_full_encoder(bert_checkpoint, monkeypatch, fast_paths, padded):
+    """``first_token_only`` (what CLS pooling asks for) gives the full encoder's first token:
+    packed or padded, on the CPU fast paths or sdpa."""
+    from kalm_mlx.models import base
+
+    if not fast_paths:
+        monkeypatch.setattr(base, "fast_cpu_paths", lambda: False)
+    folder, _ = bert_checkpoint
+    model = kalm_mlx.load(folder, dtype="float32")
+    texts = BERT_TEXTS[:3] if padded else [BERT_TEXTS[0]] * 3
+    ids, mask = pad_batch(model.tokenize(texts))
+    ids, mask = mx.array(ids.numpy()), mx.array(mask.numpy())
+    if padded:
+        assert not np.array(mask).all()
+    mask = mask if padded else None
+    full = model.model(ids, mask)
+    first = model.model(ids, mask, first_token_only=True)
+    assert first.shape == (3, 1, 64)
+    assert np.abs(np.array(first) - np.array(full[:, :1])).max() <= 1e-5
+
+
+def test_cls_pooling_runs_the_last_layer_on_the_first_token_only(bert_checkpoint, tmp_path, monkeypatch):
+    """A CLS-pooled BERT asks its encoder for the first token only, a mean-pooled one for every token;
+    both still match transformers."""
+    base_folder, reference = bert_checkpoint
+    for pooling in ("cls", "mean"):
+        embedder = kalm_mlx.load(folder_with(base_folder, tmp_path / pooling, pooling), dtype="float32")
+        calls = []
+        real_call = type(embedder.model).__call__
+        monkeypatch.setattr(type(embedder.model), "__call__",
+                            lambda self, *args, **kwargs: calls.append(kwargs) or real_call(self, *args, **kwargs))
+        got = embedder.encode(BERT_TEXTS[:3], batch_size=3)
+        monkeypatch.undo()
+        assert calls and all(call.get("first_token_only", False) == (pooling == "cls") for call in calls)
+        expected = torch_bert_embed(reference, embedder.tokenize(BERT_TEXTS[:3]), pooling)
+        assert np.abs(got - expected).max() <= 1e-5

@@ -296,7 +296,7 @@ def test_cpu_weight_layout_stores_4kib_rows_column_major_and_keeps_the_values():
 
 
 def test_packed_tokens_pack_and_pad_the_real_rows():
-    from kalm_mlx.models.base import PackedTokens, pack_rows, pad_rows
+    from kalm_mlx.models.base import PackedTokens, first_rows, pack_rows, pad_rows
 
     keep = mx.array([[1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=mx.bool_)
     padded = mx.arange(3 * 3 * 2, dtype=mx.float32).reshape(3, 3, 2)
@@ -309,6 +309,9 @@ def test_packed_tokens_pack_and_pad_the_real_rows():
     assert np.array_equal(back[np.array(keep)], rows)
     assert np.array_equal(back[1, 1], rows[0])  # padding slots hold the first real row: finite
     assert pack_rows(None, padded) is padded and pad_rows(None, padded) is padded
+    # Each text's first token: rows 0, 3 and 4 of the packed tokens, column 0 of the padded grid.
+    assert np.array(first_rows(packed, mx.array(rows))).tolist() == [[[0, 1]], [[6, 7]], [[12, 13]]]
+    assert np.array_equal(np.array(first_rows(None, padded)), np.array(padded)[:, :1])
 
 
 def test_packed_tokens_only_for_padded_float32_batches_on_the_cpu_fast_paths(monkeypatch):

@@ -364,6 +364,8 @@ class PackedTokens:
         self.count = rows.size
         self._rows = mx.array(rows.astype(np.int32))
         self._slots = mx.array(slots)
+        lengths = keep.sum(axis=1)
+        self._first_rows = mx.array((np.cumsum(lengths) - lengths).astype(np.int32))
 
     def pack(self, padded: mx.array) -> mx.array:
         """(B, L, E) -> (N, E): the rows of the real tokens, in order."""
@@ -372,6 +374,10 @@ class PackedTokens:
     def pad(self, packed: mx.array) -> mx.array:
         """(N, E) -> (B, L, E): real rows in their places, padding slots holding the first real row."""
         return mx.take(packed, self._slots, axis=0).reshape(self.batch, self.length, -1)
+
+    def first(self, packed: mx.array) -> mx.array:
+        """(N, E) -> (B, 1, E): each text's first token."""
+        return mx.take(packed, self._first_rows, axis=0)[:, None]
 
 
 def packed_tokens(attention_mask: mx.array | None, dtype: mx.Dtype) -> PackedTokens | None:
@@ -393,6 +399,11 @@ def pad_rows(packed: PackedTokens | None, x: mx.array) -> mx.array:
 def pack_rows(packed: PackedTokens | None, x: mx.array) -> mx.array:
     """``packed.pack(x)``, or ``x`` itself (the batch stays padded) when ``packed`` is None."""
     return x if packed is None else packed.pack(x)
+
+
+def first_rows(packed: PackedTokens | None, x: mx.array) -> mx.array:
+    """Each text's first token as (B, 1, E): ``packed.first(x)``, or ``x[:, :1]`` when ``packed`` is None."""
+    return x[:, :1] if packed is None else packed.first(x)
 
 
 def padding_key_mask(attention_mask: mx.array | None, dtype: mx.Dtype) -> mx.array | None:

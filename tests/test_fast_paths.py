@@ -272,6 +272,85 @@ def test_linear_adds_its_bias_after_the_matmul_as_nn_linear_does():
     assert isinstance(model.layers[0], nn.QuantizedLinear)
 
 
+def test_row_means_is_each_rows_mean_as_a_column():
+    from kalm_mlx.models.base import row_means
+
+    rows = np.random.default_rng(5).normal(size=(7, 384)).astype(np.float32) + 20
+    got = np.array(row_means(mx.array(rows)))
+    assert got.shape == (7, 1)
+    assert np.abs(got[:, 0] - rows.astype(np.float64).mean(axis=1)).max() <= 2e-5
+
+
+def _layer_norm_float64(x: np.ndarray, weight, bias, eps: float) -> np.ndarray:
+    x = x.astype(np.float64)
+    centred = x - x.mean(axis=-1, keepdims=True)
+    out = centred / np.sqrt((centred**2).mean(axis=-1, keepdims=True) + eps)
+    return out * weight + bias
+
+
+@pytest.mark.parametrize("shape", [(5, 384), (2, 3, 768), (1, 1, 96)])
+def test_layer_norm_matches_float64_and_nn_layer_norm(shape):
+    from kalm_mlx.models.base import LayerNorm
+
+    rng = np.random.default_rng(shape[-1])
+    norm = LayerNorm(shape[-1], eps=1e-12)
+    norm.weight = mx.array(rng.normal(size=shape[-1]).astype(np.float32))
+    norm.bias = mx.array(rng.normal(size=shape[-1]).astype(np.float32))
+    x = (rng.normal(size=shape) * 3 + 5).astype(np.float32)  # rows far from zero mean
+    got = np.array(norm(mx.array(x)))
+    expected = _layer_norm_float64(x, np.array(norm.weight), np.array(norm.bias), 1e-12)
+    assert got.shape == shape
+    assert np.abs(got - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+    plain = np.array(nn.LayerNorm.__call__(norm, mx.array(x)))
+    assert np.abs(got - plain).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+    assert set(dict(tree_flatten(norm.parameters()))) == {"weight", "bias"}  # checkpoints load unchanged
+
+
+def test_layer_norm_without_affine_and_outside_the_fast_paths(monkeypatch):
+    from kalm_mlx.models import base
+
+    x = mx.array(np.random.default_rng(2).normal(size=(4, 64)).astype(np.float32))
+    bare = base.LayerNorm(64, eps=1e-5, affine=False)
+    expected = _layer_norm_float64(np.array(x), 1.0, 0.0, 1e-5)
+    assert np.abs(np.array(bare(x)) - expected).max() <= 1e-5
+    half = base.LayerNorm(64)
+    half.set_dtype(mx.float16)
+    x16 = x.astype(mx.float16)
+    assert mx.array_equal(half(x16), nn.LayerNorm.__call__(half, x16))  # other dtypes: nn.LayerNorm itself
+    monkeypatch.setattr(base, "fast_cpu_paths", lambda: False)
+    norm = base.LayerNorm(64)
+    assert mx.array_equal(norm(x), nn.LayerNorm.__call__(norm, x))
+
+
+def test_rms_norm_matches_float64_and_nn_rms_norm(monkeypatch):
+    from kalm_mlx.models import base
+
+    rng = np.random.default_rng(8)
+    norm = base.RMSNorm(896, eps=1e-6)
+    norm.weight = mx.array(rng.normal(size=896).astype(np.float32))
+    x = rng.normal(size=(2, 5, 896)).astype(np.float32) * 4
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64**2).mean(axis=-1, keepdims=True) + 1e-6) * np.array(norm.weight)
+    got = np.array(norm(mx.array(x)))
+    assert got.shape == x.shape and np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert set(dict(tree_flatten(norm.parameters()))) == {"weight"}
+    monkeypatch.setattr(base, "fast_cpu_paths", lambda: False)
+    assert mx.array_equal(norm(mx.array(x)), nn.RMSNorm.__call__(norm, mx.array(x)))
+
+
+def test_cpu_attention_writes_its_output_token_major():
+    # The division writes (B, L, H, D) rows, so the callers' transpose back to tokens is free:
+    # the (B, H, L, D) result is a transposed view of a contiguous array.
+    rng = np.random.default_rng(0)
+    for length in (6, long_attention_length(16)):  # both paths
+        queries, keys, values = (mx.array(rng.normal(size=(2, 4, length, 16)).astype(np.float32))
+                                 for _ in range(3))
+        out = cpu_attention(queries, keys, values, 0.25, None)
+        mx.eval(out)
+        assert out.shape == (2, 4, length, 16)
+        assert memoryview(out).strides == (4 * length * 4 * 16, 4 * 16, 4 * 4 * 16, 4)
+
+
 def test_cpu_weight_layout_stores_4kib_rows_column_major_and_keeps_the_values():
     from kalm_mlx.models.base import Linear
 

@@ -76,6 +76,65 @@ class Linear(nn.Linear):
         return super().__call__(x)
 
 
+_mean_columns: dict[tuple[int, mx.Dtype], mx.array] = {}
+
+
+def row_means(rows: mx.array) -> mx.array:
+    """The mean of each row of a 2-D array, as an (N, 1) column: one matrix-vector product.
+
+    MLX's CPU reductions over the contiguous axis run at about a third of memory speed
+    (a sum over 1024 x 384 float32 values: 0.47 ms); OpenBLAS's product with a column of
+    ``1 / width`` reads the rows at full speed (0.30 ms), as accurately.
+    """
+    width = rows.shape[-1]
+    key = (width, rows.dtype)
+    column = _mean_columns.get(key)
+    if column is None:
+        column = mx.full((width, 1), 1.0 / width, dtype=rows.dtype)
+        mx.eval(column)
+        _mean_columns[key] = column
+    return rows @ column
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters) whose row statistics are matrix-vector products on the CPU.
+
+    On the CPU backend ``mx.fast.layer_norm`` falls back to nine separate ops, two of them
+    reductions over the contiguous axis; here the mean and the variance come from
+    :func:`row_means` and the variance from the centred rows, as the fallback does (as
+    accurate: 2.2e-6 against float64 where the fallback is off by 3.4e-6, on normal rows
+    with a random affine). 1024 x 384 float32 rows: 0.77 ms against 1.71. Elsewhere, and
+    for other dtypes, ``nn.LayerNorm`` itself.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype != mx.float32 or not fast_cpu_paths():
+            return super().__call__(x)
+        rows = x.reshape(-1, x.shape[-1])
+        centred = rows - row_means(rows)
+        out = centred * mx.rsqrt(row_means(mx.square(centred)) + self.eps)
+        if "weight" in self:
+            out = out * self.weight
+        if "bias" in self:
+            out = out + self.bias
+        return out.reshape(x.shape)
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameters) whose mean square is a matrix-vector product on the CPU.
+
+    The same change as :class:`LayerNorm` for the one reduction of ``mx.fast.rms_norm``'s CPU
+    fallback: 1024 x 896 float32 rows 1.85 ms against 2.29, 2.3e-6 from float64 against 5.6e-6.
+    Elsewhere, and for other dtypes, ``nn.RMSNorm`` itself.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype != mx.float32 or not fast_cpu_paths():
+            return super().__call__(x)
+        rows = x.reshape(-1, x.shape[-1])
+        return (rows * mx.rsqrt(row_means(mx.square(rows)) + self.eps) * self.weight).reshape(x.shape)
+
+
 _ALIASING_ROW_BYTES = 4096
 
 
@@ -302,14 +361,21 @@ def cpu_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: fl
         batch, n_kv_heads, (n_heads // n_kv_heads) * length, head_dim
     )
     if length >= long_attention_length(head_dim):
-        out = _long_attention(grouped, keys, values, mask)
+        weighted, sums = _long_attention(grouped, keys, values, mask)
     else:
-        out = _short_attention(grouped, keys, values, mask)
-    return out.reshape(batch, n_heads, length, head_dim)
+        weighted, sums = _short_attention(grouped, keys, values, mask)
+
+    def by_token(x: mx.array) -> mx.array:  # (B, KV, G x L, n) -> a (B, L, H, n) view
+        return x.reshape(batch, n_heads, length, -1).transpose(0, 2, 1, 3)
+
+    # The division reads both as (B, L, H, .) views and writes (B, L, H, D) contiguous, so the
+    # caller's transpose back to tokens by heads costs no copy (a separate copy pass before).
+    return (by_token(weighted) / by_token(sums)).transpose(0, 2, 1, 3)
 
 
 def _short_attention(grouped: mx.array, keys: mx.array, values: mx.array,
-                     mask: mx.array | None) -> mx.array:
+                     mask: mx.array | None) -> tuple[mx.array, mx.array]:
+    # Returns the unnormalised weighted values and the softmax row sums (see cpu_attention).
     # Scores transposed (keys by queries), as in _long_attention: the max reduces over rows,
     # which MLX's CPU reductions do faster than over the contiguous axis, and the max then
     # broadcasts along rows, where exp2_shifted's strided kernel vectorizes (a row-wise
@@ -319,11 +385,11 @@ def _short_attention(grouped: mx.array, keys: mx.array, values: mx.array,
     if mask is not None:
         scores_t = scores_t + mask.reshape(batch, 1, length, 1)
     weights_t = exp2_shifted(scores_t, scores_t.max(axis=-2, keepdims=True))
-    return (weights_t.swapaxes(-1, -2) @ values) / weights_t.sum(axis=-2)[..., None]
+    return weights_t.swapaxes(-1, -2) @ values, weights_t.sum(axis=-2)[..., None]
 
 
 def _long_attention(grouped: mx.array, keys: mx.array, values: mx.array,
-                    mask: mx.array | None) -> mx.array:
+                    mask: mx.array | None) -> tuple[mx.array, mx.array]:
     # At hundreds of tokens the scores no longer fit in cache and every elementwise pass
     # over them costs memory bandwidth, so fewer passes:
     # - scores transposed (keys by queries): the max reduces over rows, which MLX's
@@ -342,7 +408,7 @@ def _long_attention(grouped: mx.array, keys: mx.array, values: mx.array,
     weights_t = exp2_shifted(scores_t, scores_t.max(axis=-2, keepdims=True))
     values = mx.concatenate([values, mx.ones(values.shape[:-1] + (1,), values.dtype)], axis=-1)
     weighted = weights_t.swapaxes(-1, -2) @ values
-    return weighted[..., :head_dim] / weighted[..., head_dim:]
+    return weighted[..., :head_dim], weighted[..., head_dim:]
 
 
 class PackedTokens:

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (
+    LayerNorm,
     Linear,
     PackedTokens,
     additive_key_mask,
@@ -112,7 +113,7 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
         self.position_embeddings = nn.Embedding(args.max_position_embeddings, args.hidden_size)
         self.token_type_embeddings = nn.Embedding(args.type_vocab_size, args.hidden_size)
-        self.LayerNorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+        self.LayerNorm = LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.max_positions = args.max_position_embeddings
 
     def __call__(self, input_ids: mx.array) -> mx.array:
@@ -168,7 +169,7 @@ class DenseAddNorm(nn.Module):
     def __init__(self, in_dims: int, args: ModelArgs):
         super().__init__()
         self.dense = Linear(in_dims, args.hidden_size, bias=True)
-        self.LayerNorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+        self.LayerNorm = LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
 
     def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
         return self.LayerNorm(self.dense(x) + residual)

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (
+    LayerNorm,
     Linear,
     PackedTokens,
     attention,
@@ -270,8 +271,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn = Attention(args)
         self.mlp = GatedMLP(args)
-        self.norm1 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
-        self.norm2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+        self.norm1 = LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+        self.norm2 = LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array | None, packed: PackedTokens | None = None) -> mx.array:
         h = self.norm1(x + self.attn(x, mask, packed))
@@ -305,7 +306,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.embeddings = Embeddings(args)
-        self.emb_ln = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+        self.emb_ln = LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.encoder = Encoder(args)
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:

@@ -15,7 +15,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (Linear, PackedTokens, attention, check_weights, fast_cpu_paths, pack_rows, packed_tokens,
+from .base import (Linear, PackedTokens, RMSNorm, attention, check_weights, fast_cpu_paths, pack_rows, packed_tokens,
                    pad_rows, padding_key_mask, strip_prefix, swiglu)
 
 MODEL_TYPES = ("qwen2",)
@@ -181,8 +181,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array | None,
                  rope: tuple[mx.array, mx.array] | None = None, packed: PackedTokens | None = None) -> mx.array:
@@ -198,7 +198,7 @@ class Model(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         h = self.embed_tokens(input_ids)

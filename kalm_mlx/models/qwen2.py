@@ -15,8 +15,8 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (Linear, PackedTokens, RMSNorm, attention, check_weights, fast_cpu_paths, pack_rows, packed_tokens,
-                   pad_rows, padding_key_mask, strip_prefix, swiglu)
+from .base import (Linear, PackedTokens, RMSNorm, attention, check_weights, fast_cpu_paths, pack_rows,
+                   packed_tokens, pad_rows, padding_key_mask, strip_prefix, swiglu)
 
 MODEL_TYPES = ("qwen2",)
 DEFAULT_POOLING = "mean"

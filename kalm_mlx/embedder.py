@@ -105,6 +105,31 @@ def split_by_padded_tokens(lengths: Sequence[int], parts: int) -> list[range]:
     return [range(start, stop) for start, stop in zip(bounds, bounds[1:])]
 
 
+def stream_groups(padded_sizes: Sequence[int], streams: int, stream_budget: int) -> list[list[int]]:
+    """Group consecutive batches (indices into ``padded_sizes``, each a batch's texts x its longest
+    text) to run at once, one batch on each of ``streams`` CPU streams.
+
+    ``streams`` batches in a row form a group when each fits one stream's budget of padded
+    tokens and the smallest is at least half the largest (a group lasts as long as its
+    largest batch). Every other batch is a group alone, which the Embedder splits over the
+    streams instead. Whole batches on the streams give each matmul all of a batch's rows:
+    batches capped by their count of short texts, split in halves, leave OpenBLAS too few
+    rows to run at full rate (MiniLM, 128 texts of 8-24 tokens in batches of 32: 1.08x).
+    """
+    groups: list[list[int]] = []
+    start = 0
+    while start < len(padded_sizes):
+        candidates = padded_sizes[start:start + streams]
+        if (streams > 1 and len(candidates) == streams and max(candidates) <= stream_budget
+                and 2 * min(candidates) >= max(candidates)):
+            groups.append(list(range(start, start + streams)))
+            start += streams
+        else:
+            groups.append([start])
+            start += 1
+    return groups
+
+
 class TruncationWarning(UserWarning):
     """Some texts were longer than the model's token limit and were cut on the right."""
 
@@ -429,35 +454,51 @@ class Embedder:
                 EmptyTextWarning,
                 stacklevel=3,
             )
-        batches = plan_batches([lengths[i] for i in nonempty], batch_size, self.max_batch_tokens)
+        kept_lengths = [lengths[i] for i in nonempty]
+        batches = plan_batches(kept_lengths, batch_size, self.max_batch_tokens)
+        streams = self._streams()
+        groups = stream_groups([len(batch) * kept_lengths[batch[0]] for batch in batches], streams,
+                               self.max_batch_tokens // streams)
+        progress = None
         if show_progress_bar:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc=f"{self.name}", unit="batch")
+            progress = tqdm(total=len(batches), desc=f"{self.name}", unit="batch")
         with self._lock:
-            for batch in batches:
-                rows = [nonempty[i] for i in batch]
-                out[rows] = self._forward([token_ids[r] for r in rows])
+            for group in groups:
+                parts = [[nonempty[i] for i in batches[index]] for index in group]
+                out[[row for part in parts for row in part]] = self._forward(
+                    [[token_ids[row] for row in part] for part in parts])
+                if progress is not None:
+                    progress.update(len(group))
+        if progress is not None:
+            progress.close()
         return out
 
-    def _forward(self, batch_ids: list[list[int]]) -> np.ndarray:
-        """Encode one batch of token id lists and pool; returns (B, dim) float32.
+    def _streams(self) -> int:
+        return self.parallel_streams if mx.default_device() == mx.cpu else 1
 
-        On the CPU the batch is split over :attr:`parallel_streams` streams that run at
-        once (parts of equal padded size, :func:`split_by_padded_tokens`), OpenBLAS's
-        threads shared out between them; a lone text gets them all.
+    def _forward(self, batches: list[list[list[int]]]) -> np.ndarray:
+        """Encode batches of token id lists at once and pool; returns (texts, dim) float32, in order.
+
+        On the CPU several batches run one on each stream (see :func:`stream_groups`); a lone
+        batch is split over :attr:`parallel_streams` streams (parts of equal padded size,
+        :func:`split_by_padded_tokens`). OpenBLAS's threads are shared out between the
+        streams; a lone text gets them all.
         """
-        streams = self.parallel_streams if mx.default_device() == mx.cpu else 1
-        parts = split_by_padded_tokens([len(ids) for ids in batch_ids], min(streams, len(batch_ids)))
+        if len(batches) == 1:
+            batch_ids = batches[0]
+            ranges = split_by_padded_tokens([len(ids) for ids in batch_ids], min(self._streams(), len(batch_ids)))
+            batches = [[batch_ids[i] for i in rows] for rows in ranges]
         budget = blas_thread_budget()
         if budget is not None:
-            set_blas_threads(max(1, budget // len(parts)))
-        if len(parts) < 2:
-            return np.array(self._pooled(batch_ids), dtype=np.float32)
+            set_blas_threads(max(1, budget // len(batches)))
+        if len(batches) < 2:
+            return np.array(self._pooled(batches[0]), dtype=np.float32)
         pooled = []
-        for rows, stream in zip(parts, shared_cpu_streams(len(parts))):
+        for batch_ids, stream in zip(batches, shared_cpu_streams(len(batches))):
             with mx.stream(stream):
-                pooled.append(self._pooled([batch_ids[i] for i in rows]))
+                pooled.append(self._pooled(batch_ids))
         mx.eval(pooled)
         return np.concatenate([np.array(part, dtype=np.float32) for part in pooled])
 

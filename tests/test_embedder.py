@@ -10,7 +10,7 @@ import pytest
 
 import kalm_mlx
 from kalm_mlx import _backend, embedder
-from kalm_mlx.embedder import plan_batches, split_by_padded_tokens
+from kalm_mlx.embedder import Embedder, plan_batches, split_by_padded_tokens, stream_groups
 from kalm_mlx.registry import KALM_DEFAULT_INSTRUCTION, KALM_QUERY_TEMPLATE
 from tests.helpers import TEXTS, torch_qwen2_embed
 
@@ -115,6 +115,41 @@ def test_parallel_streams_give_the_single_stream_vectors(qwen2_gqa2, streams):
     assert np.abs(model.encode(texts) - single).max() <= 1e-5
     assert np.abs(model.encode(texts, batch_size=4) - single).max() <= 1e-5
     assert np.abs(model.encode(texts[:1]) - single[:1]).max() <= 1e-5
+
+
+def test_stream_groups_pair_batches_that_fit_a_stream():
+    # Four small batches: two groups of two, one batch a stream.
+    assert stream_groups([100, 90, 80, 60], streams=2, stream_budget=128) == [[0, 1], [2, 3]]
+    # A batch over one stream's budget runs alone (split over the streams), and so does the
+    # last one, with no partner.
+    assert stream_groups([300, 100, 90, 80, 60], streams=2, stream_budget=128) == [[0], [1, 2], [3, 4]]
+    assert stream_groups([100, 90, 80], streams=2, stream_budget=128) == [[0, 1], [2]]
+    # A partner under half the size would leave its stream idle: each runs alone.
+    assert stream_groups([100, 40, 30], streams=2, stream_budget=128) == [[0], [1, 2]]
+    assert stream_groups([60, 50, 40], streams=3, stream_budget=64) == [[0, 1, 2]]
+    # One stream (a GPU, or streams turned off): every batch alone.
+    assert stream_groups([10, 10, 10], streams=1, stream_budget=10) == [[0], [1], [2]]
+    assert stream_groups([], streams=2, stream_budget=10) == []
+
+
+def test_grouped_batches_give_the_single_stream_vectors(qwen2_gqa2, monkeypatch):
+    model = kalm_mlx.load(qwen2_gqa2[0])
+    texts = TEXTS + [text.upper() for text in TEXTS] + [text[::-1] for text in TEXTS]  # 18 texts
+    model.parallel_streams = 1
+    single = model.encode(texts, batch_size=3)
+    calls = []
+    forward = Embedder._forward
+
+    def recording_forward(self, batches):
+        calls.append([len(batch) for batch in batches])
+        return forward(self, batches)
+
+    monkeypatch.setattr(Embedder, "_forward", recording_forward)
+    model.parallel_streams = 2
+    grouped = model.encode(texts, batch_size=3)
+    assert [3, 3] in calls  # two whole batches ran at once, one on each stream
+    assert sum(map(sum, calls)) == len(texts)
+    assert np.abs(grouped - single).max() <= 1e-5
 
 
 @pytest.mark.skipif(_backend.blas_thread_budget() is None, reason="needs OpenBLAS")

@@ -113,8 +113,9 @@ def stream_groups(padded_sizes: Sequence[int], streams: int, stream_budget: int)
     tokens and the smallest is at least half the largest (a group lasts as long as its
     largest batch). Every other batch is a group alone, which the Embedder splits over the
     streams instead. Whole batches on the streams give each matmul all of a batch's rows:
-    batches capped by their count of short texts, split in halves, leave OpenBLAS too few
-    rows to run at full rate (MiniLM, 128 texts of 8-24 tokens in batches of 32: 1.08x).
+    batches capped by their count of short texts, split in halves, leave OpenBLAS fewer rows
+    than it needs for its full rate (MiniLM in interleaved A/Bs: 128 texts of 8-24 tokens in
+    batches of 32, 1.00-1.09x; the benchmarks' mixed corpus, 1.02-1.03x).
     """
     groups: list[list[int]] = []
     start = 0
@@ -476,6 +477,7 @@ class Embedder:
         return out
 
     def _streams(self) -> int:
+        """CPU streams an encode runs on: :attr:`parallel_streams` on the CPU, 1 on a GPU."""
         return self.parallel_streams if mx.default_device() == mx.cpu else 1
 
     def _forward(self, batches: list[list[list[int]]]) -> np.ndarray:
@@ -488,7 +490,8 @@ class Embedder:
         """
         if len(batches) == 1:
             batch_ids = batches[0]
-            ranges = split_by_padded_tokens([len(ids) for ids in batch_ids], min(self._streams(), len(batch_ids)))
+            parts = min(self._streams(), len(batch_ids))
+            ranges = split_by_padded_tokens([len(ids) for ids in batch_ids], parts)
             batches = [[batch_ids[i] for i in rows] for rows in ranges]
         budget = blas_thread_budget()
         if budget is not None:

@@ -117,6 +117,15 @@ def test_parallel_streams_give_the_single_stream_vectors(qwen2_gqa2, streams):
     assert np.abs(model.encode(texts[:1]) - single[:1]).max() <= 1e-5
 
 
+def test_progress_bar_counts_every_batch(qwen2_gqa2, capsys):
+    model = kalm_mlx.load(qwen2_gqa2[0])
+    model.parallel_streams = 2
+    quiet = model.encode(TEXTS, batch_size=2)
+    shown = model.encode(TEXTS, batch_size=2, show_progress_bar=True)
+    assert np.abs(shown - quiet).max() <= 1e-5
+    assert "3/3" in capsys.readouterr().err  # 6 texts in batches of 2, some of them run two at once
+
+
 def test_stream_groups_pair_batches_that_fit_a_stream():
     # Four small batches: two groups of two, one batch a stream.
     assert stream_groups([100, 90, 80, 60], streams=2, stream_budget=128) == [[0, 1], [2, 3]]

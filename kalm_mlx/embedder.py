@@ -458,22 +458,24 @@ class Embedder:
         kept_lengths = [lengths[i] for i in nonempty]
         batches = plan_batches(kept_lengths, batch_size, self.max_batch_tokens)
         streams = self._streams()
-        groups = stream_groups([len(batch) * kept_lengths[batch[0]] for batch in batches], streams,
-                               self.max_batch_tokens // streams)
+        padded_sizes = [len(batch) * max(kept_lengths[i] for i in batch) for batch in batches]
+        groups = stream_groups(padded_sizes, streams, self.max_batch_tokens // streams)
         progress = None
         if show_progress_bar:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=len(batches), desc=f"{self.name}", unit="batch")
-        with self._lock:
-            for group in groups:
-                parts = [[nonempty[i] for i in batches[index]] for index in group]
-                out[[row for part in parts for row in part]] = self._forward(
-                    [[token_ids[row] for row in part] for part in parts])
-                if progress is not None:
-                    progress.update(len(group))
-        if progress is not None:
-            progress.close()
+        try:
+            with self._lock:
+                for group in groups:
+                    parts = [[nonempty[i] for i in batches[index]] for index in group]
+                    out[[row for part in parts for row in part]] = self._forward(
+                        [[token_ids[row] for row in part] for part in parts])
+                    if progress is not None:
+                        progress.update(len(group))
+        finally:
+            if progress is not None:
+                progress.close()
         return out
 
     def _streams(self) -> int:

@@ -13,7 +13,8 @@ import pytest
 
 import kalm_mlx
 from kalm_mlx.loading import read_safetensors
-from kalm_mlx.models.bert import Model, ModelArgs, additive_key_mask, default_max_tokens
+from kalm_mlx.models.base import additive_key_mask
+from kalm_mlx.models.bert import Model, ModelArgs, default_max_tokens
 from tests.helpers import TEXTS, pad_batch
 
 LONG_TEXT = "Sentence embeddings compress a whole passage into one vector. " * 30

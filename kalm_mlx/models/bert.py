@@ -17,7 +17,6 @@ from .base import (
     LayerNorm,
     Linear,
     PackedTokens,
-    additive_key_mask,
     attention,
     check_weights,
     first_rows,

@@ -341,6 +341,10 @@ def long_attention_length(head_dim: int) -> int:
     queries, keys and values, so it pays off from a length proportional to the head size.
     Measured on one core (AMD Zen 5, OpenBLAS): at head size 32 it wins from about 96 tokens
     (1.15-1.3x at 128), at 64 from about 160 (1.1x); hence 128 for MiniLM, 256 for KaLM and bge-base.
+    On AMD Zen 3 (AVX2 only) the long path alone is slower below 512 tokens (head size 32: 0.86x
+    at 128, 0.97x at 256, 1.04x at 512), yet a threshold of 16 x head_dim changed MiniLM's
+    mixed corpus and fixed 128 / 256 / 512-token batches by no more than the noise (0.98-1.01x),
+    so one threshold serves both.
     """
     return LONG_ATTENTION_TOKENS_PER_HEAD_DIM * head_dim
 

@@ -116,6 +116,12 @@ def stream_groups(padded_sizes: Sequence[int], streams: int, stream_budget: int)
     batches capped by their count of short texts, split in halves, leave OpenBLAS fewer rows
     than it needs for its full rate (MiniLM in interleaved A/Bs: 128 texts of 8-24 tokens in
     batches of 32, 1.00-1.09x; the benchmarks' mixed corpus, 1.02-1.03x).
+
+    A group is one evaluation, so its streams wait for each other at its end (both cores are
+    busy ~93 % of the mixed corpus's time). Measured and not kept: building the next group's
+    graph while one runs (``mx.async_eval``, 1.00x); more batches per evaluation, assigned to the
+    least-loaded stream (1.00-1.05x with two a stream, 0.55-0.97x beyond: MLX orders a graph
+    with many outputs breadth-first only 20 arrays wide, and the streams then run in turn).
     """
     groups: list[list[int]] = []
     start = 0

@@ -35,7 +35,7 @@ def default_max_batch_tokens() -> int:
 
 
 def default_parallel_streams() -> int:
-    """How many CPU streams a batch is split over: 2 where OpenBLAS's threads can be shared out.
+    """How many CPU streams an encode runs on: 2 where OpenBLAS's threads can be shared out.
 
     MLX's CPU backend runs a stream's elementwise kernels on one thread, so with one
     stream a core idles whenever the encoder is not in a matmul. Two streams, each on
@@ -229,7 +229,8 @@ class Embedder:
         self.dtype = dtype
         self.max_batch_tokens = default_max_batch_tokens()
         self.parallel_streams = default_parallel_streams()
-        """CPU streams a batch is split over (see :func:`default_parallel_streams`); 1 turns it off."""
+        """CPU streams an encode runs on, a whole batch or part of one each (see
+        :func:`default_parallel_streams` and :func:`stream_groups`); 1 turns it off."""
         if mx.default_device() == mx.cpu:
             tune_malloc()
         self.truncated_texts = 0
